@@ -1,0 +1,1 @@
+//! Actix integration (see issue 4).

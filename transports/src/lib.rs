@@ -1,0 +1,1 @@
+//! Transports (see issue 3).
