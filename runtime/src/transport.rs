@@ -391,7 +391,7 @@ mod tests {
             ("tcp://:80", "empty"),
             ("tcp://::1:80", "brackets"),
             ("tcp://[::1:80", "closing bracket"),
-            ("tcp://x:80/path", "number"),
+            ("tcp://x:80/path", "nothing after the port"),
             ("unix://relative.sock", "absolute"),
             ("fd://-1", "negative"),
             ("fd://three", "descriptor number"),
