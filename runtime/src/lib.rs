@@ -4,6 +4,7 @@ pub mod frame;
 pub mod handshake;
 pub mod id;
 pub mod liveness;
+pub mod refs;
 pub mod session;
 #[cfg(test)]
 mod tests;
