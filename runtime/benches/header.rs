@@ -29,7 +29,8 @@ mod serde_bytes_compat {
     }
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
         let v: ciborium::value::Value = Deserialize::deserialize(d)?;
-        v.into_bytes().map_err(|_| serde::de::Error::custom("expected bytes"))
+        v.into_bytes()
+            .map_err(|_| serde::de::Error::custom("expected bytes"))
     }
 }
 

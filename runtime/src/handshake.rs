@@ -271,6 +271,7 @@ fn kind_name(env: &Envelope) -> &'static str {
         Envelope::Acquire { .. } => "acquire",
         Envelope::Acquired { .. } => "acquired",
         Envelope::Unlend { .. } => "unlend",
+        Envelope::Down { .. } => "down",
     }
 }
 

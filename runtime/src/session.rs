@@ -143,6 +143,13 @@ pub enum Event {
         /// The loan.
         token: u64,
     },
+    /// An actor of the peer's that we held has stopped.
+    Down {
+        /// Its incarnation.
+        incarnation: Incarnation,
+        /// The actor on the peer.
+        target: LocalId,
+    },
     /// The session ended; `pending` lists the calls that got no reply.
     Closed {
         /// Why.
@@ -605,6 +612,19 @@ impl Session {
         Ok(())
     }
 
+    /// Tells the peer that one of our actors it held has stopped.
+    pub fn send_down(&mut self, now: Instant, actor: ActorId) -> Result<(), RemoteError> {
+        self.open_mut()?;
+        self.push_control(
+            now,
+            &Envelope::Down {
+                incarnation: actor.incarnation,
+                target: actor.local,
+            },
+        );
+        Ok(())
+    }
+
     fn open_mut(&mut self) -> Result<&mut Open, RemoteError> {
         match &mut self.state {
             State::Open(o) => Ok(o),
@@ -757,6 +777,13 @@ impl Open {
                 Event::Acquired { request, ok }
             }
             Envelope::Unlend { token } => Event::Unlend { token },
+            Envelope::Down {
+                incarnation,
+                target,
+            } => Event::Down {
+                incarnation,
+                target,
+            },
             _ => return Err(ProtocolError::LateHandshake.into()),
         }))
     }

@@ -44,6 +44,8 @@ pub mod kind {
     pub const ACQUIRED: u8 = 0x17;
     /// Tell a lender its loan is settled.
     pub const UNLEND: u8 = 0x18;
+    /// An exported actor stopped: holders' references are dead.
+    pub const DOWN: u8 = 0x19;
 }
 
 /// Feature bits negotiated in the hello (the intersection is in force).
@@ -497,6 +499,13 @@ pub enum Envelope {
         /// The loan token from the wire reference.
         token: u64,
     },
+    /// An actor of the sender's that the receiver held has stopped.
+    Down {
+        /// Incarnation of the actor.
+        incarnation: Incarnation,
+        /// The actor on the sender.
+        target: LocalId,
+    },
 }
 
 impl Envelope {
@@ -625,6 +634,16 @@ impl Envelope {
                 let token = r.u64()?;
                 r.finish()?;
                 Ok(Self::Unlend { token })
+            }
+            kind::DOWN => {
+                let mut r = Reader::new(body, "down");
+                let incarnation = Incarnation(r.u64()?);
+                let target = get_local(&mut r)?;
+                r.finish()?;
+                Ok(Self::Down {
+                    incarnation,
+                    target,
+                })
             }
             other => Err(DecodeError::UnknownKind(other)),
         }
@@ -818,6 +837,14 @@ pub fn encode_control(out: &mut BytesMut, env: &Envelope) {
             out.put_u8(kind::UNLEND);
             out.put_u64(*token);
         }
+        Envelope::Down {
+            incarnation,
+            target,
+        } => {
+            out.put_u8(kind::DOWN);
+            out.put_u64(incarnation.0);
+            put_local(out, *target);
+        }
     }
 }
 
@@ -920,6 +947,13 @@ mod tests {
                 ok: true,
             },
             Envelope::Unlend { token: 77 },
+            Envelope::Down {
+                incarnation: Incarnation(9),
+                target: LocalId {
+                    index: 1,
+                    generation: 0,
+                },
+            },
         ]
     }
 
