@@ -1,0 +1,189 @@
+//! Unix-domain stream sockets as descriptor-carrying [`RawStream`]s.
+//!
+//! Reads use `recvmsg` with `MSG_CMSG_CLOEXEC`, so every received
+//! descriptor is close-on-exec from its first moment and is an [`OwnedFd`]
+//! at once; `MSG_CTRUNC` (control data cut short) is reported as
+//! [`TransportError::FdsTruncated`] after closing whatever did arrive. Writes
+//! use `sendmsg` with `MSG_NOSIGNAL`. The framing (which frame owns which
+//! descriptors) is described in [`crate::stream`].
+
+use std::io::{self, IoSlice, IoSliceMut};
+use std::mem::MaybeUninit;
+use std::os::fd::{BorrowedFd, OwnedFd};
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use bytes::BytesMut;
+use courier_runtime::transport::TransportError;
+use rustix::net::{
+    RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, ReturnFlags, SendAncillaryBuffer,
+    SendAncillaryMessage, SendFlags,
+};
+use tokio::io::{AsyncWrite, Interest};
+use tokio::net::UnixStream;
+
+use crate::stream::{RawStream, StreamConfig, StreamLink, MAX_FDS_PER_FRAME};
+use crate::sys::AdoptGuard;
+
+/// Control-buffer room: exactly one frame's worth of descriptors, so a
+/// sender that packs more into one message is caught by `MSG_CTRUNC`.
+const CMSG_SPACE: usize = rustix::cmsg_space!(ScmRights(MAX_FDS_PER_FRAME));
+
+/// The most bytes one `recvmsg` asks for (the buffer is zeroed first).
+const MAX_READ: usize = 256 * 1024;
+
+/// A connected Unix-domain stream socket.
+#[derive(Debug)]
+pub(crate) struct FdStream {
+    io: UnixStream,
+    scheme: &'static str,
+    /// Keeps a descriptor number taken from an `fd://` address marked as
+    /// ours until the socket above is closed (fields drop in order).
+    _adopted: Option<AdoptGuard>,
+}
+
+impl FdStream {
+    pub(crate) fn new(io: UnixStream, scheme: &'static str, adopted: Option<AdoptGuard>) -> Self {
+        Self {
+            io,
+            scheme,
+            _adopted: adopted,
+        }
+    }
+}
+
+/// Wraps a connected Unix stream socket as a link.
+pub(crate) fn unix_link(
+    io: UnixStream,
+    scheme: &'static str,
+    peer: String,
+    adopted: Option<AdoptGuard>,
+    cfg: &StreamConfig,
+) -> StreamLink<FdStream> {
+    StreamLink::new(FdStream::new(io, scheme, adopted), peer, true, cfg)
+}
+
+/// Describes the process at the other end of a Unix socket, for logs.
+pub(crate) fn describe_peer(io: &UnixStream, base: &str) -> String {
+    match io.peer_cred() {
+        Ok(c) => match c.pid() {
+            Some(pid) => format!("{base} (pid {pid}, uid {})", c.uid()),
+            None => format!("{base} (uid {})", c.uid()),
+        },
+        Err(_) => base.to_owned(),
+    }
+}
+
+impl RawStream for FdStream {
+    fn carries_fds(&self) -> bool {
+        true
+    }
+
+    fn scheme(&self) -> &'static str {
+        self.scheme
+    }
+
+    fn poll_read_some(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut BytesMut,
+        want: usize,
+        fds: &mut Vec<OwnedFd>,
+    ) -> Poll<Result<usize, TransportError>> {
+        let want = want.clamp(1, MAX_READ);
+        loop {
+            if let Err(e) = ready!(self.io.poll_read_ready(cx)) {
+                return Poll::Ready(Err(TransportError::io(
+                    format!("receive on {}", self.scheme),
+                    e,
+                )));
+            }
+            let start = buf.len();
+            buf.resize(start + want, 0);
+            let mut space = [MaybeUninit::<u8>::uninit(); CMSG_SPACE];
+            let mut control = RecvAncillaryBuffer::new(&mut space);
+            let res = self.io.try_io(Interest::READABLE, || {
+                let mut iov = [IoSliceMut::new(&mut buf[start..])];
+                rustix::net::recvmsg(
+                    &self.io,
+                    &mut iov,
+                    &mut control,
+                    RecvFlags::CMSG_CLOEXEC | RecvFlags::DONTWAIT,
+                )
+                .map_err(io::Error::from)
+            });
+            match res {
+                Ok(msg) => {
+                    buf.truncate(start + msg.bytes);
+                    // Own every descriptor at once, whatever happens next.
+                    for m in control.drain() {
+                        if let RecvAncillaryMessage::ScmRights(received) = m {
+                            fds.extend(received);
+                        }
+                    }
+                    if msg.flags.contains(ReturnFlags::CTRUNC) {
+                        fds.clear();
+                        return Poll::Ready(Err(TransportError::FdsTruncated));
+                    }
+                    return Poll::Ready(Ok(msg.bytes));
+                }
+                Err(e) => {
+                    buf.truncate(start);
+                    match e.kind() {
+                        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => continue,
+                        _ => {
+                            return Poll::Ready(Err(TransportError::io(
+                                format!("receive on {}", self.scheme),
+                                e,
+                            )))
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn poll_write_some(
+        &mut self,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+        fds: &[BorrowedFd<'_>],
+    ) -> Poll<io::Result<usize>> {
+        loop {
+            ready!(self.io.poll_write_ready(cx))?;
+            let mut space = [MaybeUninit::<u8>::uninit(); CMSG_SPACE];
+            let mut control = SendAncillaryBuffer::new(&mut space);
+            if !fds.is_empty() && !control.push(SendAncillaryMessage::ScmRights(fds)) {
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "too many descriptors for one message",
+                )));
+            }
+            let res = self.io.try_io(Interest::WRITABLE, || {
+                rustix::net::sendmsg(
+                    &self.io,
+                    bufs,
+                    &mut control,
+                    SendFlags::NOSIGNAL | SendFlags::DONTWAIT,
+                )
+                .map_err(io::Error::from)
+            });
+            match res {
+                Ok(n) => return Poll::Ready(Ok(n)),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                    ) =>
+                {
+                    continue
+                }
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+
+    fn poll_shutdown_write(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
