@@ -68,6 +68,7 @@ use courier_runtime::transport::{
 mod fdlink;
 pub mod stream;
 mod sys;
+pub mod util;
 
 #[cfg(feature = "fd")]
 pub mod fd;
@@ -79,6 +80,7 @@ pub mod tcp;
 pub mod unix;
 
 pub use stream::{StreamConfig, MAX_FDS_PER_FRAME};
+pub use util::{LinkExt, ListenerExt};
 
 /// A transport for every scheme this build has, dispatching on the address.
 #[derive(Clone)]
@@ -144,6 +146,7 @@ impl AnyTransport {
             }
             .into()
         };
+        let _ = &missing;
         match a {
             Address::Tcp { .. } => {
                 #[cfg(feature = "tcp")]
