@@ -853,7 +853,9 @@ impl Linger {
     }
 }
 
-/// Opens a stream, writes `head` and `body` on it and finishes it.
+/// Opens a stream, writes `head` and `body` on it and finishes it. A
+/// control stream (END, END-ACK) to a peer that has already closed the
+/// connection cleanly has nothing left to say: that counts as sent.
 fn send_stream(
     conn: Connection,
     head: Bytes,
@@ -861,20 +863,26 @@ fn send_stream(
     priority: i32,
     peer: String,
 ) -> BoxFut<'static, Result<(), TransportError>> {
+    let control = head.first() != Some(&KIND_FRAME);
     Box::pin(async move {
-        let mut s = conn
-            .open_uni()
-            .await
-            .map_err(|e| conn_error(&e, &peer).unwrap_or(TransportError::Closed))?;
-        if priority != 0 {
-            let _ = s.set_priority(priority);
+        let res = async {
+            let mut s = conn.open_uni().await.map_err(WriteError::ConnectionLost)?;
+            if priority != 0 {
+                let _ = s.set_priority(priority);
+            }
+            let mut chunks = [head, body];
+            s.write_all_chunks(&mut chunks).await?;
+            s.finish().map_err(|_| WriteError::ClosedStream)?;
+            Ok::<(), WriteError>(())
         }
-        let mut chunks = [head, body];
-        s.write_all_chunks(&mut chunks)
-            .await
-            .map_err(|e| write_error(e, &peer))?;
-        s.finish().map_err(|_| TransportError::Closed)?;
-        Ok(())
+        .await;
+        match res {
+            Ok(()) => Ok(()),
+            Err(WriteError::ConnectionLost(e)) if control && conn_error(&e, &peer).is_none() => {
+                Ok(())
+            }
+            Err(e) => Err(write_error(e, &peer)),
+        }
     })
 }
 
@@ -992,6 +1000,7 @@ fn is_crypto(code: u64) -> bool {
 fn write_error(e: WriteError, peer: &str) -> TransportError {
     match e {
         WriteError::ConnectionLost(c) => conn_error(&c, peer).unwrap_or(TransportError::Closed),
+        WriteError::ClosedStream => TransportError::Closed,
         WriteError::Stopped(code) if code == VarInt::from_u32(STOP_TOO_LARGE) => {
             TransportError::Framing("the peer refused a frame as too large".into())
         }
