@@ -1,1 +1,71 @@
-//! Actix integration (see issue 4).
+//! Remote actors for actix.
+//!
+//! Export an ordinary actix actor from a [`Node`], and call it from another
+//! node through a typed [`RemoteAddr`], over any transport Courier has
+//! (`tcp://`, `unix://`, `quic://`, `fd://`).
+//!
+//! ```no_run
+//! use actix::prelude::*;
+//! use serde::{Deserialize, Serialize};
+//!
+//! #[derive(Default)]
+//! struct Counter(u64);
+//! impl Actor for Counter { type Context = Context<Self>; }
+//!
+//! #[derive(Message, Serialize, Deserialize)]
+//! #[rtype(result = "u64")]
+//! struct Add(u64);
+//! courier::remote_message!(Add = "counter.add");
+//!
+//! impl Handler<Add> for Counter {
+//!     type Result = u64;
+//!     fn handle(&mut self, m: Add, _: &mut Context<Self>) -> u64 { self.0 += m.0; self.0 }
+//! }
+//!
+//! #[actix::main]
+//! async fn main() -> Result<(), courier::RemoteError> {
+//!     let server = courier::Node::builder()
+//!         .cookie("a shared secret, 16+ bytes")
+//!         .listen("tcp://127.0.0.1:0")
+//!         .start().await?;
+//!     server.export(Counter::default().start()).handles::<Add>().register("counter")?;
+//!     let addr = server.local_addrs()[0].to_string();
+//!
+//!     let client = courier::Node::builder().cookie("a shared secret, 16+ bytes").start().await?;
+//!     let counter = client.lookup::<Counter>(&addr, "counter").await?;
+//!     assert_eq!(counter.send(Add(5)).await?, 5);
+//!     Ok(())
+//! }
+//! ```
+//!
+//! Where to begin: [`Node::builder`], [`Node::export`], [`Node::lookup`],
+//! [`RemoteAddr::send`], and [`RemoteError`] for what can go wrong. The
+//! protocol itself lives in `courier-runtime`; the wires in
+//! `courier-transports`.
+
+mod conn;
+pub mod cookie;
+mod export;
+mod message;
+mod node;
+mod refctx;
+mod remote;
+mod spawn;
+
+pub use courier_runtime::error::{DeadReason, RemoteError, RemoteFailure};
+pub use courier_runtime::handshake::{Key, Keyring};
+pub use courier_runtime::id::{ActorId, Incarnation, LocalId, MessageType, NodeId};
+pub use courier_runtime::session::Role;
+pub use courier_runtime::transport::{Address, Transport};
+pub use export::{Caller, Export};
+pub use message::{RemoteMessage, RemoteReply};
+pub use node::{
+    ActorDown, ExportSummary, FrameMac, Limits, Node, NodeBuilder, NodeDown, NodeStats,
+    PeerSummary, Supervisor,
+};
+pub use refctx::Fd;
+pub use remote::{RemoteAddr, Request};
+pub use spawn::{worker_link_from_env, Worker, WORKER_ENV};
+
+#[cfg(feature = "transports")]
+pub use courier_transports as transports;

@@ -352,6 +352,14 @@ impl Session {
         }
     }
 
+    /// Counts as hearing from the peer: used while this side deliberately
+    /// stops reading (its own backpressure), so the peer is not blamed.
+    pub fn handle_activity(&mut self, now: Instant) {
+        if let State::Open(o) = &mut self.state {
+            o.liveness.on_recv(now);
+        }
+    }
+
     /// The link ended or failed.
     pub fn handle_link_lost(&mut self, why: impl Into<String>) {
         match self.state {

@@ -1,0 +1,672 @@
+//! One connection: a task that owns a link and its protocol session.
+//!
+//! The driver is a hand-written future spawned on the node's arbiter (the
+//! thread that started the node), so a request and its reply stay on one
+//! thread: waking another thread costs more than the rest of a local round
+//! trip. It loops over four sources until none has work: frames from the
+//! link, commands from references (bounded channel: the backpressure point
+//! for senders), frames to write (bounded queue in front of the link's own
+//! bounded queue), and the session's timer.
+
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::os::fd::OwnedFd;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use courier_runtime::error::{HandshakeError, RemoteError};
+use courier_runtime::handshake::PeerInfo;
+use courier_runtime::id::{ActorId, NodeId};
+use courier_runtime::session::{CloseReason, Event, Role, Session};
+use courier_runtime::transport::{Frame, Link, LinkCaps, TransportError};
+use courier_runtime::wire::{ReleaseEntry, ReplyStatus, WireRef, TAG_LEN};
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, info, warn};
+
+use crate::node::NodeShared;
+use crate::refctx::Resolved;
+
+/// Commands a connection's driver takes from the rest of the node.
+pub(crate) enum Command {
+    Call {
+        target: ActorId,
+        type_name: &'static str,
+        payload: Vec<u8>,
+        refs: Vec<WireRef>,
+        fds: Vec<OwnedFd>,
+        reply: oneshot::Sender<Result<ReplyIn, RemoteError>>,
+    },
+    Cast {
+        target: ActorId,
+        type_name: &'static str,
+        payload: Vec<u8>,
+        refs: Vec<WireRef>,
+        fds: Vec<OwnedFd>,
+    },
+    Reply {
+        request: u64,
+        status: ReplyStatus,
+        payload: Vec<u8>,
+        refs: Vec<WireRef>,
+        fds: Vec<OwnedFd>,
+    },
+    Release(Vec<ReleaseEntry>),
+    Acquire(ActorId),
+    Unlend(u64),
+    Down(ActorId),
+    /// An inbound call finished: reading may resume.
+    InboundDone,
+    Close(String),
+}
+
+/// A reply as the caller receives it.
+pub(crate) struct ReplyIn {
+    pub status: ReplyStatus,
+    pub payload: Bytes,
+    pub refs: Vec<Resolved>,
+    pub fds: Vec<OwnedFd>,
+}
+
+/// Shared view of an established connection.
+pub(crate) struct ConnShared {
+    pub id: u64,
+    pub peer: PeerInfo,
+    pub caps: LinkCaps,
+    pub scheme: &'static str,
+    pub remote: String,
+    pub tx: mpsc::Sender<Command>,
+    /// Unbounded: reference traffic and replies that must never be lost.
+    pub ctl: mpsc::UnboundedSender<Command>,
+    pub max_inflight: usize,
+    pub closed: AtomicBool,
+    pub close_reason: Mutex<Option<String>>,
+    pub inflight: AtomicUsize,
+}
+
+/// A cheap handle to an established connection.
+#[derive(Clone)]
+pub(crate) struct ConnHandle(pub Arc<ConnShared>);
+
+impl ConnHandle {
+    pub fn peer_node(&self) -> NodeId {
+        self.0.peer.node
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.0.closed.load(Ordering::Acquire)
+    }
+
+    pub fn lost(&self) -> RemoteError {
+        RemoteError::ConnectionLost {
+            peer: self.0.peer.node,
+            reason: self
+                .0
+                .close_reason
+                .lock()
+                .expect("not poisoned")
+                .clone()
+                .unwrap_or_else(|| "the connection closed".into()),
+        }
+    }
+
+    /// Queues a command, waiting for room (backpressure).
+    pub async fn send(&self, cmd: Command) -> Result<(), RemoteError> {
+        if self.is_closed() {
+            return Err(self.lost());
+        }
+        self.0.tx.send(cmd).await.map_err(|_| self.lost())
+    }
+
+    /// Queues a command without waiting; a full queue is `MailboxFull`.
+    pub fn try_send(&self, cmd: Command, actor: ActorId) -> Result<(), RemoteError> {
+        if self.is_closed() {
+            return Err(self.lost());
+        }
+        self.0.tx.try_send(cmd).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => RemoteError::MailboxFull { actor },
+            mpsc::error::TrySendError::Closed(_) => self.lost(),
+        })
+    }
+}
+
+/// Frames waiting in front of the link before commands stop being taken.
+const OUTQ_MAX: usize = 256;
+/// Commands taken per pass, frames read per pass: fairness between sources.
+const BATCH: usize = 64;
+/// How long a closing connection may take to flush.
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
+
+pub(crate) struct Driver {
+    node: Arc<NodeShared>,
+    link: Box<dyn Link>,
+    session: Session,
+    conn_id: u64,
+    rx: mpsc::Receiver<Command>,
+    tx: Option<mpsc::Sender<Command>>,
+    ctl_rx: mpsc::UnboundedReceiver<Command>,
+    ctl_tx: Option<mpsc::UnboundedSender<Command>>,
+    scheme: &'static str,
+    dial: Option<String>,
+    handle: Option<ConnHandle>,
+    established: Option<oneshot::Sender<Result<ConnHandle, RemoteError>>>,
+    outq: VecDeque<Frame>,
+    pending: HashMap<u64, oneshot::Sender<Result<ReplyIn, RemoteError>>>,
+    timer: Pin<Box<tokio::time::Sleep>>,
+    timer_at: Option<Instant>,
+    closing_since: Option<Instant>,
+    link_done: bool,
+    remote: String,
+    max_inflight: usize,
+}
+
+fn now() -> Instant {
+    tokio::time::Instant::now().into_std()
+}
+
+impl Driver {
+    /// Wraps a fresh link. `established` hears the handshake's outcome.
+    pub fn new(
+        node: Arc<NodeShared>,
+        mut link: Box<dyn Link>,
+        role: Role,
+        scheme: &'static str,
+        dial: Option<String>,
+        established: Option<oneshot::Sender<Result<ConnHandle, RemoteError>>>,
+    ) -> Result<Self, RemoteError> {
+        let caps = link.caps();
+        let mut config = node.session_config(&caps);
+        config.max_frame = config
+            .max_frame
+            .min(caps.max_frame_len.saturating_sub(TAG_LEN));
+        let mut nonce = [0u8; 32];
+        getrandom::fill(&mut nonce).map_err(|e| RemoteError::Protocol {
+            peer: link.peer_addr(),
+            reason: format!("no randomness for the handshake nonce: {e}"),
+        })?;
+        let session =
+            Session::new(config, role, now(), nonce, link.channel_binding()).map_err(|e| {
+                RemoteError::Protocol {
+                    peer: link.peer_addr(),
+                    reason: e.to_string(),
+                }
+            })?;
+        link.set_max_frame_len(session.max_frame_len());
+        let (tx, rx) = mpsc::channel(node.limits.command_queue);
+        let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
+        let remote = link.peer_addr();
+        let max_inflight = node.limits.max_inbound_in_flight;
+        Ok(Self {
+            conn_id: node.next_conn_id(),
+            node,
+            link,
+            session,
+            rx,
+            tx: Some(tx),
+            ctl_rx,
+            ctl_tx: Some(ctl_tx),
+            scheme,
+            dial,
+            handle: None,
+            established,
+            outq: VecDeque::new(),
+            pending: HashMap::new(),
+            timer: Box::pin(tokio::time::sleep(Duration::from_secs(3600))),
+            timer_at: None,
+            closing_since: None,
+            link_done: false,
+            remote,
+            max_inflight,
+        })
+    }
+
+    fn pump_session(&mut self) {
+        while let Some(body) = self.session.poll_transmit() {
+            self.outq.push_back(Frame::new(body));
+        }
+    }
+
+    fn on_command(&mut self, cmd: Command) {
+        let t = now();
+        match cmd {
+            Command::Call {
+                target,
+                type_name,
+                payload,
+                refs,
+                fds,
+                reply,
+            } => {
+                self.pump_session();
+                match self
+                    .session
+                    .send_call(t, target, type_name, &refs, &payload, fds.len() as u8)
+                {
+                    Ok(request) => {
+                        self.pending.insert(request, reply);
+                        self.attach_fds(fds);
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                    }
+                }
+            }
+            Command::Cast {
+                target,
+                type_name,
+                payload,
+                refs,
+                fds,
+            } => {
+                self.pump_session();
+                match self
+                    .session
+                    .send_cast(t, target, type_name, &refs, &payload, fds.len() as u8)
+                {
+                    Ok(()) => self.attach_fds(fds),
+                    Err(e) => debug!(error = %e, "one-way message dropped"),
+                }
+            }
+            Command::Reply {
+                request,
+                status,
+                payload,
+                refs,
+                fds,
+            } => {
+                self.pump_session();
+                let sent =
+                    self.session
+                        .send_reply(t, request, status, &refs, &payload, fds.len() as u8);
+                match sent {
+                    Ok(()) => self.attach_fds(fds),
+                    Err(e) => {
+                        // Too large, say: tell the caller rather than leave it waiting.
+                        let text = e.to_string();
+                        let _ = self.session.send_reply(
+                            t,
+                            request,
+                            ReplyStatus::TooLarge,
+                            &[],
+                            &courier_runtime::codec::encode(&text).unwrap_or_default(),
+                            0,
+                        );
+                    }
+                }
+            }
+            Command::Release(entries) => {
+                let _ = self.session.send_release(t, &entries);
+            }
+            Command::Acquire(actor) => {
+                if let Ok(request) = self.session.send_acquire(t, actor) {
+                    self.node.note_acquire(self.conn_id, request, actor);
+                }
+            }
+            Command::Unlend(token) => {
+                let _ = self.session.send_unlend(t, token);
+            }
+            Command::Down(actor) => {
+                let _ = self.session.send_down(t, actor);
+            }
+            Command::InboundDone => {}
+            Command::Close(why) => self.session.close(t, &why),
+        }
+    }
+
+    fn attach_fds(&mut self, fds: Vec<OwnedFd>) {
+        self.pump_session();
+        if !fds.is_empty() {
+            if let Some(f) = self.outq.back_mut() {
+                f.fds = fds;
+            }
+        }
+    }
+
+    fn on_frame(&mut self, frame: Frame) {
+        let Frame { payload, fds } = frame;
+        self.session.handle_frame(now(), payload);
+        let mut fds = Some(fds);
+        while let Some(ev) = self.session.poll_event() {
+            self.on_event(ev, &mut fds);
+        }
+    }
+
+    fn on_event(&mut self, ev: Event, fds: &mut Option<Vec<OwnedFd>>) {
+        match ev {
+            Event::Established(peer) => {
+                let caps = self.link.caps();
+                self.link.set_max_frame_len(self.session.max_frame_len());
+                let handle = ConnHandle(Arc::new(ConnShared {
+                    id: self.conn_id,
+                    peer,
+                    caps,
+                    scheme: self.scheme,
+                    remote: self.dial.clone().unwrap_or_else(|| self.remote.clone()),
+                    tx: self.tx.take().expect("established once"),
+                    ctl: self.ctl_tx.take().expect("established once"),
+                    max_inflight: self.max_inflight,
+                    closed: AtomicBool::new(false),
+                    close_reason: Mutex::new(None),
+                    inflight: AtomicUsize::new(0),
+                }));
+                info!(peer = %handle.0.peer.node, key = %handle.0.peer.key_id, remote = %self.remote,
+                      mac = self.session.frame_mac(), "peer authenticated");
+                self.node.register_conn(&handle, self.dial.as_deref());
+                self.handle = Some(handle.clone());
+                if let Some(tx) = self.established.take() {
+                    let _ = tx.send(Ok(handle));
+                }
+            }
+            Event::Call(call) | Event::Cast(call) => {
+                let Some(h) = self.handle.clone() else { return };
+                let fds = fds.take().unwrap_or_default();
+                self.node.dispatch_inbound(&h, call, fds);
+            }
+            Event::Reply(reply) => {
+                let Some(h) = self.handle.clone() else { return };
+                let refs = self.node.resolve_refs(&h, &reply.refs);
+                let fds = fds.take().unwrap_or_default();
+                let r = ReplyIn {
+                    status: reply.status,
+                    payload: reply.payload,
+                    refs,
+                    fds,
+                };
+                if let Some(tx) = self.pending.remove(&reply.request) {
+                    let _ = tx.send(Ok(r));
+                }
+                // Else the caller gave up; dropping `r` releases its refs.
+            }
+            Event::Release(entries) => {
+                let Some(h) = self.handle.clone() else { return };
+                if let Err(e) = self.node.handle_release(&h, &entries) {
+                    warn!(peer = %h.peer_node(), error = %e, "peer broke the reference protocol");
+                    self.session
+                        .close(now(), &format!("reference protocol: {e}"));
+                }
+            }
+            Event::Acquire {
+                request,
+                incarnation,
+                target,
+            } => {
+                let Some(h) = self.handle.clone() else { return };
+                let ok = self.node.handle_acquire(&h, incarnation, target);
+                let _ = self.session.send_acquired(now(), request, ok);
+            }
+            Event::Acquired { request, ok } => {
+                self.node.handle_acquired(self.conn_id, request, ok);
+            }
+            Event::Unlend { token } => {
+                let Some(h) = self.handle.clone() else { return };
+                self.node.handle_unlend(&h, token);
+            }
+            Event::Down {
+                incarnation,
+                target,
+            } => {
+                let Some(h) = self.handle.clone() else { return };
+                self.node.handle_down(ActorId {
+                    node: h.peer_node(),
+                    incarnation,
+                    local: target,
+                });
+            }
+            Event::Closed { reason, pending } => self.on_closed(reason, pending),
+        }
+    }
+
+    fn on_closed(&mut self, reason: CloseReason, _pending: Vec<u64>) {
+        let text = reason.to_string();
+        self.closing_since = Some(now());
+        match &self.handle {
+            Some(h) => {
+                info!(peer = %h.peer_node(), reason = %text, "connection closed");
+                *h.0.close_reason.lock().expect("not poisoned") = Some(text.clone());
+                h.0.closed.store(true, Ordering::Release);
+                let err = h.lost();
+                for (_, tx) in self.pending.drain() {
+                    let _ = tx.send(Err(err.clone()));
+                }
+                self.node.conn_closed(h);
+            }
+            None => {
+                let err = match &reason {
+                    CloseReason::Handshake(e) => handshake_error(&self.remote, e),
+                    other => RemoteError::Unreachable {
+                        address: self.remote.clone(),
+                        reason: other.to_string(),
+                    },
+                };
+                warn!(remote = %self.remote, error = %err, "handshake failed");
+                self.node.handshake_ended();
+                self.node.handshake_failed();
+                if let Some(tx) = self.established.take() {
+                    let _ = tx.send(Err(err));
+                }
+            }
+        }
+        self.rx.close();
+        self.ctl_rx.close();
+    }
+
+    fn drain_rx_after_close(&mut self) {
+        // Calls queued after the close fail at once.
+        while let Ok(cmd) = self.rx.try_recv() {
+            if let Command::Call { reply, .. } = cmd {
+                let err = match &self.handle {
+                    Some(h) => h.lost(),
+                    None => RemoteError::Protocol {
+                        peer: self.remote.clone(),
+                        reason: "connection closed".into(),
+                    },
+                };
+                let _ = reply.send(Err(err));
+            }
+        }
+    }
+
+    /// Writes what is queued. Returns an error when the link failed.
+    fn poll_write(&mut self, cx: &mut Context<'_>) -> Result<bool, TransportError> {
+        let mut progress = false;
+        self.pump_session();
+        while !self.outq.is_empty() {
+            match self.link.poll_ready(cx) {
+                Poll::Ready(Ok(())) => {
+                    let f = self.outq.pop_front().expect("not empty");
+                    self.link.start_send(f)?;
+                    progress = true;
+                }
+                Poll::Ready(Err(e)) => return Err(e),
+                Poll::Pending => break,
+            }
+        }
+        match self.link.poll_flush(cx) {
+            Poll::Ready(Err(e)) => Err(e),
+            _ => Ok(progress),
+        }
+    }
+
+    fn accepting_commands(&self) -> bool {
+        self.session.is_established() && self.outq.len() < OUTQ_MAX && !self.session.is_closed()
+    }
+
+    fn reading_allowed(&self) -> bool {
+        match &self.handle {
+            Some(h) => h.0.inflight.load(Ordering::Acquire) < self.max_inflight,
+            None => true,
+        }
+    }
+}
+
+fn handshake_error(remote: &str, e: &HandshakeError) -> RemoteError {
+    if e.is_authentication() {
+        RemoteError::Authentication {
+            peer: remote.to_owned(),
+            reason: e.to_string(),
+        }
+    } else {
+        RemoteError::Protocol {
+            peer: remote.to_owned(),
+            reason: format!("handshake: {e}"),
+        }
+    }
+}
+
+impl Future for Driver {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = &mut *self;
+        for _round in 0..32 {
+            let mut progress = false;
+
+            // Frames in.
+            if !this.link_done && this.reading_allowed() {
+                for _ in 0..BATCH {
+                    match this.link.poll_recv(cx) {
+                        Poll::Ready(Some(Ok(frame))) => {
+                            this.on_frame(frame);
+                            progress = true;
+                        }
+                        Poll::Ready(Some(Err(e))) => {
+                            this.link_done = true;
+                            this.session.handle_link_lost(e.to_string());
+                            progress = true;
+                            break;
+                        }
+                        Poll::Ready(None) => {
+                            this.link_done = true;
+                            this.session
+                                .handle_link_lost("the peer closed the connection");
+                            progress = true;
+                            break;
+                        }
+                        Poll::Pending => break,
+                    }
+                    if !this.reading_allowed() {
+                        break;
+                    }
+                }
+                while let Some(ev) = this.session.poll_event() {
+                    this.on_event(ev, &mut None);
+                }
+            }
+
+            // While reading is paused by our own backpressure, the peer
+            // is not to blame for the silence.
+            if !this.reading_allowed() {
+                this.session.handle_activity(now());
+            }
+
+            // Control commands in (never held back: they are small and
+            // must not be lost).
+            if this.session.is_established() && !this.session.is_closed() {
+                for _ in 0..BATCH {
+                    match this.ctl_rx.poll_recv(cx) {
+                        Poll::Ready(Some(cmd)) => {
+                            this.on_command(cmd);
+                            progress = true;
+                        }
+                        Poll::Ready(None) | Poll::Pending => break,
+                    }
+                }
+            }
+
+            // Commands in.
+            if this.accepting_commands() {
+                for _ in 0..BATCH {
+                    match this.rx.poll_recv(cx) {
+                        Poll::Ready(Some(cmd)) => {
+                            this.on_command(cmd);
+                            progress = true;
+                        }
+                        Poll::Ready(None) | Poll::Pending => break,
+                    }
+                    if !this.accepting_commands() {
+                        break;
+                    }
+                }
+                while let Some(ev) = this.session.poll_event() {
+                    this.on_event(ev, &mut None);
+                }
+            }
+
+            // Frames out.
+            if !this.link_done {
+                match this.poll_write(cx) {
+                    Ok(p) => progress |= p,
+                    Err(e) => {
+                        this.link_done = true;
+                        this.session.handle_link_lost(e.to_string());
+                        while let Some(ev) = this.session.poll_event() {
+                            this.on_event(ev, &mut None);
+                        }
+                        progress = true;
+                    }
+                }
+            }
+
+            // Time.
+            if let Some(at) = this.session.poll_timeout() {
+                if this.timer_at != Some(at) {
+                    this.timer_at = Some(at);
+                    this.timer.as_mut().reset(at.into());
+                }
+                if this.timer.as_mut().poll(cx).is_ready() {
+                    this.timer_at = None;
+                    this.session.handle_timeout(now());
+                    while let Some(ev) = this.session.poll_event() {
+                        this.on_event(ev, &mut None);
+                    }
+                    progress = true;
+                }
+            }
+
+            // Ending.
+            if this.session.is_closed() {
+                this.drain_rx_after_close();
+                this.pump_session();
+                let flushed = this.outq.is_empty()
+                    && !this.link_done
+                    && matches!(this.link.poll_close(cx), Poll::Ready(_));
+                let late = this
+                    .closing_since
+                    .is_some_and(|t| now().duration_since(t) > CLOSE_GRACE);
+                if flushed || this.link_done || late {
+                    if this.session.is_established() || this.handle.is_none() {
+                        // Never established: make sure the node forgets it.
+                    }
+                    return Poll::Ready(());
+                }
+                if this.closing_since.is_some() && this.timer_at.is_none() {
+                    let at = this.closing_since.expect("set") + CLOSE_GRACE;
+                    this.timer_at = Some(at);
+                    this.timer.as_mut().reset(at.into());
+                    let _ = this.timer.as_mut().poll(cx);
+                }
+            }
+
+            if !progress {
+                return Poll::Pending;
+            }
+        }
+        // Still busy after many rounds: let other tasks run, then continue.
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        if !self.session.is_closed() {
+            self.session.handle_link_lost("the node is shutting down");
+            while let Some(ev) = self.session.poll_event() {
+                self.on_event(ev, &mut None);
+            }
+        }
+    }
+}

@@ -1,0 +1,416 @@
+//! Exported actors: the type-erased entries in the node's export table, and
+//! the builder applications use to export an actor.
+
+use std::any::Any;
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Once, RwLock};
+
+use actix::dev::ToEnvelope;
+use actix::{Actor, Addr, Handler, MailboxError};
+use bytes::Bytes;
+use courier_runtime::error::{RemoteError, RemoteFailure};
+use courier_runtime::id::ActorId;
+use courier_runtime::wire::ReplyStatus;
+use serde::Serialize;
+use tracing::{error, warn};
+
+use crate::conn::{Command, ConnHandle};
+use crate::message::{RemoteMessage, RemoteReply};
+use crate::node::{Node, NodeShared};
+use crate::refctx::{self, Resolved};
+use crate::remote::RemoteAddr;
+
+/// Who sent a message: the authenticated peer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Caller {
+    /// The peer's node id.
+    pub node: courier_runtime::id::NodeId,
+    /// The key it proved with: its identity in the keyring.
+    pub key_id: String,
+}
+
+/// An inbound call or cast, headed for one exported actor.
+pub(crate) struct Inbound {
+    pub type_name: String,
+    pub payload: Bytes,
+    pub refs: Vec<Resolved>,
+    pub fds: Vec<OwnedFd>,
+    pub reply: Option<ReplySink>,
+    pub guard: InflightGuard,
+    pub caller: Caller,
+}
+
+/// Counts an inbound message in flight on its connection until dropped.
+pub(crate) struct InflightGuard(pub ConnHandle);
+
+impl InflightGuard {
+    pub fn new(conn: &ConnHandle) -> Self {
+        conn.0.inflight.fetch_add(1, Ordering::AcqRel);
+        Self(conn.clone())
+    }
+}
+
+impl Drop for InflightGuard {
+    fn drop(&mut self) {
+        let before = self.0 .0.inflight.fetch_sub(1, Ordering::AcqRel);
+        // Wake the driver if it had stopped reading at the limit.
+        if before >= self.0 .0.max_inflight {
+            let _ = self.0 .0.ctl.send(Command::InboundDone);
+        }
+    }
+}
+
+/// Where the answer to an inbound call goes.
+pub(crate) struct ReplySink {
+    pub conn: ConnHandle,
+    pub node: Arc<NodeShared>,
+    pub request: u64,
+    pub done: bool,
+}
+
+impl ReplySink {
+    /// Encodes `value` (with any references or descriptors in it) and sends
+    /// it as the reply.
+    pub async fn reply<T: Serialize>(mut self, value: &T) {
+        self.done = true;
+        let cmd = match refctx::encode(value) {
+            Ok(enc) => {
+                if !enc.fds.is_empty() && !self.conn.0.caps.carries_fds {
+                    self.status_command(
+                        ReplyStatus::BadPayload,
+                        &format!(
+                            "the reply holds file descriptors, which {} cannot carry",
+                            self.conn.0.scheme
+                        ),
+                    )
+                } else {
+                    match self.node.account_out(&self.conn, enc.refs) {
+                        Ok(refs) => Command::Reply {
+                            request: self.request,
+                            status: ReplyStatus::Ok,
+                            payload: enc.payload,
+                            refs,
+                            fds: enc.fds,
+                        },
+                        Err(e) => self.status_command(ReplyStatus::Refused, &e.to_string()),
+                    }
+                }
+            }
+            Err(e) => self.status_command(ReplyStatus::BadPayload, &e.to_string()),
+        };
+        let _ = self.conn.send(cmd).await;
+    }
+
+    /// Answers with a failure status and a text.
+    pub async fn fail(mut self, status: ReplyStatus, text: String) {
+        self.done = true;
+        let cmd = self.status_command(status, &text);
+        let _ = self.conn.send(cmd).await;
+    }
+
+    /// Answers with a handler failure.
+    pub async fn failed(mut self, failure: &RemoteFailure) {
+        self.done = true;
+        let cmd = Command::Reply {
+            request: self.request,
+            status: ReplyStatus::Failed,
+            payload: courier_runtime::codec::encode(failure).unwrap_or_default(),
+            refs: Vec::new(),
+            fds: Vec::new(),
+        };
+        let _ = self.conn.send(cmd).await;
+    }
+
+    fn status_command(&self, status: ReplyStatus, text: &str) -> Command {
+        Command::Reply {
+            request: self.request,
+            status,
+            payload: courier_runtime::codec::encode(text).unwrap_or_default(),
+            refs: Vec::new(),
+            fds: Vec::new(),
+        }
+    }
+}
+
+impl Drop for ReplySink {
+    fn drop(&mut self) {
+        if !self.done {
+            // Never leave a caller waiting: the handler went away.
+            let _ = self.conn.0.ctl.send(Command::Reply {
+                request: self.request,
+                status: ReplyStatus::ActorStopped,
+                payload: courier_runtime::codec::encode("the actor stopped before answering")
+                    .unwrap_or_default(),
+                refs: Vec::new(),
+                fds: Vec::new(),
+            });
+        }
+    }
+}
+
+/// An exported actor, whatever its type.
+pub(crate) trait ExportedAny: Send + Sync + 'static {
+    /// Decodes and delivers an inbound message.
+    fn dispatch(self: Arc<Self>, inbound: Inbound);
+    /// For turning a local reference back into a typed one.
+    fn as_any(self: Arc<Self>) -> Arc<dyn Any + Send + Sync>;
+    /// The message types it handles remotely.
+    fn message_types(&self) -> Vec<&'static str>;
+    /// The actor's Rust type name.
+    fn actor_type(&self) -> &'static str;
+    /// Forgets its id (the export was freed).
+    fn clear_id(&self);
+}
+
+type HandlerFn<A> = Arc<dyn Fn(Arc<ExportEntry<A>>, Inbound) + Send + Sync>;
+type Factory<A> = Box<dyn Fn() -> Addr<A> + Send + Sync>;
+
+/// One exported actor of type `A`.
+pub(crate) struct ExportEntry<A: Actor> {
+    pub id: Mutex<Option<ActorId>>,
+    pub pinned: bool,
+    addr: RwLock<Addr<A>>,
+    factory: Option<Factory<A>>,
+    handlers: HashMap<&'static str, HandlerFn<A>>,
+    failure_details: bool,
+    restarts: AtomicU64,
+}
+
+impl<A: Actor> ExportEntry<A> {
+    /// The actor's mailbox; a supervised actor that died is restarted first,
+    /// keeping its id.
+    pub fn current_addr(&self) -> Addr<A> {
+        let addr = self.addr.read().expect("not poisoned").clone();
+        if addr.connected() {
+            return addr;
+        }
+        let Some(factory) = &self.factory else {
+            return addr;
+        };
+        let mut slot = self.addr.write().expect("not poisoned");
+        if !slot.connected() {
+            *slot = factory();
+            let n = self.restarts.fetch_add(1, Ordering::Relaxed) + 1;
+            warn!(actor = std::any::type_name::<A>(), id = ?*self.id.lock().expect("not poisoned"),
+                  restarts = n, "exported actor restarted");
+        }
+        slot.clone()
+    }
+
+    /// How many times it was restarted.
+    pub fn restarts(&self) -> u64 {
+        self.restarts.load(Ordering::Relaxed)
+    }
+
+    fn panic_failure(&self, type_name: &str) -> RemoteFailure {
+        let detail = take_last_panic();
+        error!(
+            actor = std::any::type_name::<A>(),
+            message = type_name,
+            panic = detail.as_deref().unwrap_or("unknown"),
+            "handler panicked"
+        );
+        let message = if self.failure_details {
+            format!(
+                "the handler of {type_name} panicked: {}",
+                detail.as_deref().unwrap_or("(no message)")
+            )
+        } else {
+            format!("the handler of {type_name} panicked (details are in the exporting node's log)")
+        };
+        RemoteFailure {
+            type_name: "panic".into(),
+            message,
+            backtrace: None,
+        }
+    }
+}
+
+impl<A: Actor> ExportedAny for ExportEntry<A> {
+    fn dispatch(self: Arc<Self>, inbound: Inbound) {
+        match self.handlers.get(inbound.type_name.as_str()).cloned() {
+            Some(h) => h(self, inbound),
+            None => {
+                let Inbound {
+                    type_name, reply, ..
+                } = inbound;
+                if let Some(r) = reply {
+                    actix::spawn(r.fail(ReplyStatus::UnknownMessage, type_name));
+                }
+            }
+        }
+    }
+
+    fn as_any(self: Arc<Self>) -> Arc<dyn Any + Send + Sync> {
+        self
+    }
+
+    fn message_types(&self) -> Vec<&'static str> {
+        let mut v: Vec<_> = self.handlers.keys().copied().collect();
+        v.sort_unstable();
+        v
+    }
+
+    fn actor_type(&self) -> &'static str {
+        std::any::type_name::<A>()
+    }
+
+    fn clear_id(&self) {
+        *self.id.lock().expect("not poisoned") = None;
+    }
+}
+
+fn handler<A, M>() -> HandlerFn<A>
+where
+    A: Actor + Handler<M>,
+    A::Context: ToEnvelope<A, M>,
+    M: RemoteMessage,
+    M::Result: RemoteReply,
+{
+    Arc::new(|entry: Arc<ExportEntry<A>>, inbound: Inbound| {
+        let Inbound {
+            payload,
+            refs,
+            fds,
+            reply,
+            guard,
+            ..
+        } = inbound;
+        let msg: M = match refctx::decode(&payload, refs, fds) {
+            Ok(m) => m,
+            Err(e) => {
+                if let Some(r) = reply {
+                    actix::spawn(r.fail(ReplyStatus::BadPayload, e.to_string()));
+                }
+                return;
+            }
+        };
+        let request = entry.current_addr().send(msg);
+        actix::spawn(async move {
+            let _guard = guard;
+            match (request.await, reply) {
+                (Ok(value), Some(r)) => r.reply(&value).await,
+                (Ok(_), None) => {}
+                (Err(MailboxError::Closed), r) => {
+                    let failure = entry.panic_failure(M::TYPE.as_str());
+                    // Restart now rather than on the next message.
+                    let _ = entry.current_addr();
+                    if let Some(r) = r {
+                        r.failed(&failure).await;
+                    }
+                }
+                (Err(MailboxError::Timeout), Some(r)) => {
+                    r.fail(
+                        ReplyStatus::ActorStopped,
+                        "the actor did not answer in time".into(),
+                    )
+                    .await
+                }
+                (Err(MailboxError::Timeout), None) => {}
+            }
+        });
+    })
+}
+
+/// Builds an export: which messages the actor handles remotely, and how it
+/// is named. Made by [`Node::export`] or [`Node::export_supervised`].
+pub struct Export<A: Actor> {
+    node: Node,
+    addr: Addr<A>,
+    factory: Option<Factory<A>>,
+    handlers: HashMap<&'static str, HandlerFn<A>>,
+    failure_details: bool,
+}
+
+impl<A: Actor> Export<A> {
+    pub(crate) fn new(node: Node, addr: Addr<A>, factory: Option<Factory<A>>) -> Self {
+        Self {
+            node,
+            addr,
+            factory,
+            handlers: HashMap::new(),
+            failure_details: false,
+        }
+    }
+
+    /// Lets remote callers send `M` to the actor.
+    pub fn handles<M>(mut self) -> Self
+    where
+        A: Handler<M>,
+        A::Context: ToEnvelope<A, M>,
+        M: RemoteMessage,
+        M::Result: RemoteReply,
+    {
+        self.handlers.insert(M::TYPE.as_str(), handler::<A, M>());
+        self
+    }
+
+    /// Whether callers see the panic message of a failed handler (off by
+    /// default: they get an opaque failure, and the message is logged here).
+    pub fn failure_details(mut self, on: bool) -> Self {
+        self.failure_details = on;
+        self
+    }
+
+    fn entry(self, pinned: bool) -> (Node, Arc<ExportEntry<A>>) {
+        let entry = Arc::new(ExportEntry {
+            id: Mutex::new(None),
+            pinned,
+            addr: RwLock::new(self.addr),
+            factory: self.factory,
+            handlers: self.handlers,
+            failure_details: self.failure_details,
+            restarts: AtomicU64::new(0),
+        });
+        (self.node, entry)
+    }
+
+    /// Exports the actor under `name` in the node's registry: peers find it
+    /// with [`Node::lookup`]. It stays exported until unregistered.
+    pub fn register(self, name: &str) -> Result<RemoteAddr<A>, RemoteError> {
+        let (node, entry) = self.entry(true);
+        node.shared.register(name, entry.clone())?;
+        Ok(RemoteAddr::local(entry, &node.shared))
+    }
+
+    /// A reference to the actor without a name. It is exported when first
+    /// sent to a peer and unexported when the last peer releases it.
+    pub fn anonymous(self) -> RemoteAddr<A> {
+        let (node, entry) = self.entry(false);
+        RemoteAddr::local(entry, &node.shared)
+    }
+}
+
+thread_local! {
+    static LAST_PANIC: RefCell<Option<String>> = const { RefCell::new(None) };
+}
+
+/// Records panic messages per thread so a failed handler can report one.
+pub(crate) fn install_panic_hook() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let msg = if let Some(s) = info.payload().downcast_ref::<&str>() {
+                (*s).to_owned()
+            } else if let Some(s) = info.payload().downcast_ref::<String>() {
+                s.clone()
+            } else {
+                "non-text panic payload".to_owned()
+            };
+            let at = info
+                .location()
+                .map(|l| format!(" at {}:{}", l.file(), l.line()))
+                .unwrap_or_default();
+            LAST_PANIC.with(|p| *p.borrow_mut() = Some(format!("{msg}{at}")));
+            previous(info);
+        }));
+    });
+}
+
+fn take_last_panic() -> Option<String> {
+    LAST_PANIC.with(|p| p.borrow_mut().take())
+}

@@ -1,0 +1,195 @@
+//! Carrying references and descriptors through serde.
+//!
+//! A [`RemoteAddr`](crate::RemoteAddr) or an [`Fd`] inside a message does not
+//! serialize its contents into the CBOR payload. While Courier encodes a
+//! message it keeps a per-thread list; each reference or descriptor is
+//! appended there and the payload holds only its index. The list travels in
+//! the envelope header (references) or beside the frame (descriptors), so
+//! the receiver accounts for every reference before the payload is decoded.
+//! Decoding reverses this with the list the frame brought.
+
+use std::cell::RefCell;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::Arc;
+
+use courier_runtime::codec;
+use courier_runtime::error::{DeadReason, RemoteError};
+use courier_runtime::id::ActorId;
+use serde::de::{DeserializeOwned, Error as _};
+use serde::ser::Error as _;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::export::ExportedAny;
+use crate::remote::Imported;
+
+/// A reference leaving this node inside a message.
+#[derive(Clone)]
+pub(crate) enum OutRef {
+    /// An actor exported by this node.
+    Local(ActorId),
+    /// An actor of another node, held here.
+    Imported(Arc<Imported>),
+    /// A reference already dead: it is sent as dead.
+    Dead(ActorId),
+}
+
+/// A reference that arrived, resolved against this node's tables.
+#[derive(Clone)]
+pub(crate) enum Resolved {
+    Local(
+        Arc<dyn ExportedAny>,
+        std::sync::Weak<crate::node::NodeShared>,
+    ),
+    Remote(Arc<Imported>),
+    Dead(ActorId, DeadReason),
+}
+
+struct OutCtx {
+    refs: Vec<OutRef>,
+    fds: Vec<OwnedFd>,
+}
+
+struct InCtx {
+    refs: Vec<Resolved>,
+    fds: Vec<Option<OwnedFd>>,
+}
+
+thread_local! {
+    static OUT: RefCell<Option<OutCtx>> = const { RefCell::new(None) };
+    static IN: RefCell<Option<InCtx>> = const { RefCell::new(None) };
+}
+
+/// What encoding a message produced.
+pub(crate) struct Encoded {
+    pub payload: Vec<u8>,
+    pub refs: Vec<OutRef>,
+    pub fds: Vec<OwnedFd>,
+}
+
+/// Encodes `value`, collecting the references and descriptors inside it.
+pub(crate) fn encode<T: Serialize>(value: &T) -> Result<Encoded, RemoteError> {
+    let saved = OUT.with(|c| {
+        c.borrow_mut().replace(OutCtx {
+            refs: Vec::new(),
+            fds: Vec::new(),
+        })
+    });
+    let result = codec::encode(value);
+    let ctx = OUT
+        .with(|c| std::mem::replace(&mut *c.borrow_mut(), saved))
+        .expect("set above");
+    Ok(Encoded {
+        payload: result?,
+        refs: ctx.refs,
+        fds: ctx.fds,
+    })
+}
+
+/// Decodes `bytes` with the references and descriptors that came with it.
+/// Descriptors the value does not take are closed when this returns.
+pub(crate) fn decode<T: DeserializeOwned>(
+    bytes: &[u8],
+    refs: Vec<Resolved>,
+    fds: Vec<OwnedFd>,
+) -> Result<T, RemoteError> {
+    let saved = IN.with(|c| {
+        c.borrow_mut().replace(InCtx {
+            refs,
+            fds: fds.into_iter().map(Some).collect(),
+        })
+    });
+    let result = codec::decode(bytes);
+    let leftover = IN.with(|c| std::mem::replace(&mut *c.borrow_mut(), saved));
+    drop(leftover);
+    result
+}
+
+/// Appends a reference to the message being encoded; returns its index.
+pub(crate) fn push_ref<S: Serializer>(r: OutRef) -> Result<u32, S::Error> {
+    OUT.with(|c| match c.borrow_mut().as_mut() {
+        Some(ctx) => {
+            ctx.refs.push(r);
+            Ok((ctx.refs.len() - 1) as u32)
+        }
+        None => Err(S::Error::custom(
+            "a RemoteAddr can only be serialized by Courier, inside a message it sends",
+        )),
+    })
+}
+
+/// Takes the reference at `index` from the message being decoded.
+pub(crate) fn take_ref<'de, D: Deserializer<'de>>(index: u32) -> Result<Resolved, D::Error> {
+    IN.with(|c| match c.borrow().as_ref() {
+        Some(ctx) => ctx.refs.get(index as usize).cloned().ok_or_else(|| {
+            D::Error::custom(format!(
+                "reference index {index} is out of range ({} references came with the message)",
+                ctx.refs.len()
+            ))
+        }),
+        None => Err(D::Error::custom(
+            "a RemoteAddr can only be deserialized by Courier, from a message it received",
+        )),
+    })
+}
+
+/// An open file descriptor inside a message.
+///
+/// It travels on links that can carry descriptors (`unix://`, `fd://`) and
+/// arrives as an owned, close-on-exec descriptor. Sending a message holding
+/// one over a link that cannot carry it fails with
+/// [`RemoteError::TransportCannot`] before anything is written. Sending
+/// duplicates the descriptor; the message's own copy closes when the
+/// message is dropped.
+#[derive(Debug)]
+pub struct Fd(pub OwnedFd);
+
+impl Fd {
+    /// Takes the descriptor out.
+    pub fn into_inner(self) -> OwnedFd {
+        self.0
+    }
+}
+
+impl From<OwnedFd> for Fd {
+    fn from(fd: OwnedFd) -> Self {
+        Self(fd)
+    }
+}
+
+impl Serialize for Fd {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let dup = rustix::io::fcntl_dupfd_cloexec(self.0.as_fd(), 0)
+            .map_err(|e| S::Error::custom(format!("could not duplicate descriptor: {e}")))?;
+        let index = OUT.with(|c| match c.borrow_mut().as_mut() {
+            Some(ctx) => {
+                ctx.fds.push(dup);
+                Ok((ctx.fds.len() - 1) as u32)
+            }
+            None => Err(S::Error::custom(
+                "an Fd can only be serialized by Courier, inside a message it sends",
+            )),
+        })?;
+        s.serialize_newtype_struct("courier.fd", &index)
+    }
+}
+
+impl<'de> Deserialize<'de> for Fd {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let index = u32::deserialize(d)?;
+        IN.with(|c| match c.borrow_mut().as_mut() {
+            Some(ctx) => ctx
+                .fds
+                .get_mut(index as usize)
+                .and_then(Option::take)
+                .map(Fd)
+                .ok_or_else(|| {
+                    D::Error::custom(format!(
+                        "descriptor {index} did not come with the message (or was taken twice)"
+                    ))
+                }),
+            None => Err(D::Error::custom(
+                "an Fd can only be deserialized by Courier, from a message it received",
+            )),
+        })
+    }
+}

@@ -1,0 +1,479 @@
+//! Typed references to actors, local or remote.
+
+use std::fmt;
+use std::future::Future;
+use std::marker::PhantomData;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use actix::dev::ToEnvelope;
+use actix::{Actor, Handler, MailboxError};
+use courier_runtime::error::{DeadReason, RemoteError, RemoteFailure};
+use courier_runtime::id::ActorId;
+use courier_runtime::wire::ReplyStatus;
+use serde::de::Error as _;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use tokio::sync::oneshot;
+
+use crate::conn::{Command, ConnHandle, ReplyIn};
+use crate::export::ExportEntry;
+use crate::message::{RemoteMessage, RemoteReply};
+use crate::node::NodeShared;
+use crate::refctx::{self, OutRef, Resolved};
+
+/// The shared state behind every handle to one imported actor.
+pub(crate) struct Imported {
+    pub id: ActorId,
+    pub instance: u64,
+    pub owner_addr: String,
+    pub node: Weak<NodeShared>,
+    pub conn: Mutex<Option<ConnHandle>>,
+    pub dead: Mutex<Option<DeadReason>>,
+}
+
+impl Imported {
+    /// A handle that is dead from the start (not in any table).
+    pub fn dead(id: ActorId, reason: DeadReason) -> Arc<Self> {
+        Arc::new(Self {
+            id,
+            instance: 0,
+            owner_addr: String::new(),
+            node: Weak::new(),
+            conn: Mutex::new(None),
+            dead: Mutex::new(Some(reason)),
+        })
+    }
+
+    pub fn dead_reason(&self) -> Option<DeadReason> {
+        *self.dead.lock().expect("not poisoned")
+    }
+
+    pub fn mark_dead(&self, reason: DeadReason) {
+        let mut d = self.dead.lock().expect("not poisoned");
+        if d.is_none() {
+            *d = Some(reason);
+        }
+    }
+
+    fn dead_error(&self, reason: DeadReason) -> RemoteError {
+        RemoteError::DeadReference {
+            actor: self.id,
+            reason,
+        }
+    }
+
+    /// The connection to the owner, made if needed (for a reference handed
+    /// over by a third node).
+    pub async fn connection(&self) -> Result<(Arc<NodeShared>, ConnHandle), RemoteError> {
+        if let Some(r) = self.dead_reason() {
+            return Err(self.dead_error(r));
+        }
+        let node = self
+            .node
+            .upgrade()
+            .ok_or(self.dead_error(DeadReason::NodeUnreachable))?;
+        let existing = self.conn.lock().expect("not poisoned").clone();
+        if let Some(c) = existing {
+            if c.is_closed() {
+                self.mark_dead(DeadReason::NodeUnreachable);
+                return Err(self.dead_error(DeadReason::NodeUnreachable));
+            }
+            return Ok((node, c));
+        }
+        let c = node.connect_node(self.id.node, &self.owner_addr).await?;
+        if c.0.peer.incarnation != self.id.incarnation {
+            self.mark_dead(DeadReason::OldIncarnation);
+            return Err(self.dead_error(DeadReason::OldIncarnation));
+        }
+        *self.conn.lock().expect("not poisoned") = Some(c.clone());
+        Ok((node, c))
+    }
+}
+
+impl Drop for Imported {
+    fn drop(&mut self) {
+        if let Some(node) = self.node.upgrade() {
+            node.import_dropped(self.id, self.instance);
+        }
+    }
+}
+
+pub(crate) enum Target<A: Actor> {
+    Local(Arc<ExportEntry<A>>, Weak<NodeShared>),
+    Remote(Arc<Imported>),
+}
+
+/// A typed reference to an actor of type `A`, on this node or another.
+///
+/// Like actix's `Addr<A>`: `send` for request/reply, `do_send` for one-way
+/// messages, for every `M` the actor handles remotely. A reference to an
+/// actor on this node goes straight to its mailbox, without encoding.
+///
+/// A `RemoteAddr` is also a plain serde field: put it in a message and the
+/// receiver gets a live reference to the same actor (not a proxy), counted
+/// so the exporter knows when the last holder dropped it.
+pub struct RemoteAddr<A: Actor> {
+    target: Target<A>,
+    _actor: PhantomData<fn() -> A>,
+}
+
+impl<A: Actor> Clone for RemoteAddr<A> {
+    fn clone(&self) -> Self {
+        Self {
+            target: match &self.target {
+                Target::Local(e, n) => Target::Local(e.clone(), n.clone()),
+                Target::Remote(r) => Target::Remote(r.clone()),
+            },
+            _actor: PhantomData,
+        }
+    }
+}
+
+impl<A: Actor> fmt::Debug for RemoteAddr<A> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.target {
+            Target::Local(e, _) => write!(
+                f,
+                "RemoteAddr<{}>(local {:?})",
+                std::any::type_name::<A>(),
+                *e.id.lock().expect("not poisoned")
+            ),
+            Target::Remote(r) => write!(
+                f,
+                "RemoteAddr<{}>({}{})",
+                std::any::type_name::<A>(),
+                r.id,
+                if r.dead_reason().is_some() {
+                    ", dead"
+                } else {
+                    ""
+                }
+            ),
+        }
+    }
+}
+
+impl<A: Actor> RemoteAddr<A> {
+    pub(crate) fn local(entry: Arc<ExportEntry<A>>, node: &Arc<NodeShared>) -> Self {
+        Self {
+            target: Target::Local(entry, Arc::downgrade(node)),
+            _actor: PhantomData,
+        }
+    }
+
+    pub(crate) fn remote(imported: Arc<Imported>) -> Self {
+        Self {
+            target: Target::Remote(imported),
+            _actor: PhantomData,
+        }
+    }
+
+    pub(crate) fn from_resolved(r: Resolved) -> Result<Self, String> {
+        match r {
+            Resolved::Remote(i) => Ok(Self::remote(i)),
+            Resolved::Dead(id, reason) => Ok(Self::remote(Imported::dead(id, reason))),
+            Resolved::Local(exported, node) => {
+                let found = exported.actor_type();
+                exported
+                    .as_any()
+                    .downcast::<ExportEntry<A>>()
+                    .map(|e| Self {
+                        target: Target::Local(e, node),
+                        _actor: PhantomData,
+                    })
+                    .map_err(|_| {
+                        format!(
+                            "the reference is to a {found}, not a {}",
+                            std::any::type_name::<A>()
+                        )
+                    })
+            }
+        }
+    }
+
+    /// The actor's id, or `None` for a local actor not exported yet (it is
+    /// exported when first sent to a peer).
+    pub fn id(&self) -> Option<ActorId> {
+        match &self.target {
+            Target::Local(e, _) => *e.id.lock().expect("not poisoned"),
+            Target::Remote(r) => Some(r.id),
+        }
+    }
+
+    /// Whether the actor lives on this node.
+    pub fn is_local(&self) -> bool {
+        matches!(self.target, Target::Local(..))
+    }
+
+    /// Why the reference is dead, if it is known to be.
+    pub fn dead_reason(&self) -> Option<DeadReason> {
+        match &self.target {
+            Target::Local(e, _) => {
+                (!e.current_addr().connected()).then_some(DeadReason::ActorStopped)
+            }
+            Target::Remote(r) => r.dead_reason(),
+        }
+    }
+
+    pub(crate) fn imported(&self) -> Option<&Arc<Imported>> {
+        match &self.target {
+            Target::Remote(r) => Some(r),
+            Target::Local(..) => None,
+        }
+    }
+
+    /// Sends `msg` and waits for the typed reply. Add
+    /// [`Request::timeout`] to bound the wait.
+    pub fn send<M>(&self, msg: M) -> Request<M::Result>
+    where
+        A: Handler<M>,
+        A::Context: ToEnvelope<A, M>,
+        M: RemoteMessage,
+        M::Result: RemoteReply,
+    {
+        let fut: BoxFuture<M::Result> = match &self.target {
+            Target::Local(entry, _) => {
+                let req = entry.current_addr().send(msg);
+                Box::pin(async move {
+                    req.await.map_err(|e| match e {
+                        MailboxError::Closed => RemoteError::Remote(RemoteFailure {
+                            type_name: "panic".into(),
+                            message: format!(
+                                "the actor stopped while handling {} (it is restarted if supervised)",
+                                M::TYPE
+                            ),
+                            backtrace: None,
+                        }),
+                        MailboxError::Timeout => RemoteError::Timeout {
+                            after: Duration::ZERO,
+                        },
+                    })
+                })
+            }
+            Target::Remote(imp) => {
+                let imp = imp.clone();
+                Box::pin(async move {
+                    let (node, conn) = imp.connection().await?;
+                    let enc = refctx::encode(&msg)?;
+                    drop(msg);
+                    check_fds(&conn, enc.fds.len())?;
+                    let refs = node.account_out(&conn, enc.refs)?;
+                    let (tx, rx) = oneshot::channel();
+                    conn.send(Command::Call {
+                        target: imp.id,
+                        type_name: M::TYPE.as_str(),
+                        payload: enc.payload,
+                        refs,
+                        fds: enc.fds,
+                        reply: tx,
+                    })
+                    .await?;
+                    let reply = rx.await.map_err(|_| conn.lost())??;
+                    decode_reply::<M::Result>(reply, &imp, M::TYPE.as_str())
+                })
+            }
+        };
+        Request {
+            fut,
+            timeout: None,
+            sleep: None,
+        }
+    }
+
+    /// Sends `msg` one way. Errors that can be known at once (dead
+    /// reference, full queue, descriptors on a link that cannot carry them)
+    /// are returned; delivery itself is not confirmed.
+    pub fn do_send<M>(&self, msg: M) -> Result<(), RemoteError>
+    where
+        A: Handler<M>,
+        A::Context: ToEnvelope<A, M>,
+        M: RemoteMessage,
+        M::Result: RemoteReply,
+    {
+        match &self.target {
+            Target::Local(entry, _) => entry.current_addr().try_send(msg).map_err(|e| match e {
+                actix::prelude::SendError::Full(_) => RemoteError::MailboxFull {
+                    actor: entry.id.lock().expect("not poisoned").unwrap_or(ActorId {
+                        node: courier_runtime::id::NodeId([0; 16]),
+                        incarnation: courier_runtime::id::Incarnation(0),
+                        local: courier_runtime::id::LocalId::ROOT,
+                    }),
+                },
+                actix::prelude::SendError::Closed(_) => RemoteError::DeadReference {
+                    actor: entry.id.lock().expect("not poisoned").unwrap_or(ActorId {
+                        node: courier_runtime::id::NodeId([0; 16]),
+                        incarnation: courier_runtime::id::Incarnation(0),
+                        local: courier_runtime::id::LocalId::ROOT,
+                    }),
+                    reason: DeadReason::ActorStopped,
+                },
+            }),
+            Target::Remote(imp) => {
+                if let Some(r) = imp.dead_reason() {
+                    return Err(imp.dead_error(r));
+                }
+                let conn = imp.conn.lock().expect("not poisoned").clone();
+                let Some(conn) = conn else {
+                    // Not connected yet (a handed-over reference): connect
+                    // in the background, then send.
+                    let this = self.clone();
+                    actix::spawn(async move {
+                        if let Err(e) = this.send(msg).await {
+                            tracing::debug!(error = %e, "one-way message not delivered");
+                        }
+                    });
+                    return Ok(());
+                };
+                if conn.is_closed() {
+                    imp.mark_dead(DeadReason::NodeUnreachable);
+                    return Err(imp.dead_error(DeadReason::NodeUnreachable));
+                }
+                let node = imp
+                    .node
+                    .upgrade()
+                    .ok_or(imp.dead_error(DeadReason::NodeUnreachable))?;
+                let enc = refctx::encode(&msg)?;
+                check_fds(&conn, enc.fds.len())?;
+                let refs = node.account_out(&conn, enc.refs)?;
+                conn.try_send(
+                    Command::Cast {
+                        target: imp.id,
+                        type_name: M::TYPE.as_str(),
+                        payload: enc.payload,
+                        refs,
+                        fds: enc.fds,
+                    },
+                    imp.id,
+                )
+            }
+        }
+    }
+}
+
+fn check_fds(conn: &ConnHandle, n: usize) -> Result<(), RemoteError> {
+    if n > 0 && !conn.0.caps.carries_fds {
+        return Err(RemoteError::TransportCannot {
+            transport: conn.0.scheme.to_owned(),
+            what: "carry file descriptors (use unix:// or fd://)".into(),
+        });
+    }
+    if n > conn.0.caps.max_fds_per_frame {
+        return Err(RemoteError::LimitReached {
+            what: "file descriptors in one message",
+            max: conn.0.caps.max_fds_per_frame as u64,
+        });
+    }
+    Ok(())
+}
+
+pub(crate) fn decode_reply<R: RemoteReply>(
+    reply: ReplyIn,
+    imp: &Imported,
+    type_name: &str,
+) -> Result<R, RemoteError> {
+    let text = || courier_runtime::codec::decode::<String>(&reply.payload).unwrap_or_default();
+    match reply.status {
+        ReplyStatus::Ok => refctx::decode(&reply.payload, reply.refs, reply.fds),
+        ReplyStatus::Failed => Err(RemoteError::Remote(
+            courier_runtime::codec::decode(&reply.payload).unwrap_or(RemoteFailure {
+                type_name: "unknown".into(),
+                message: "the remote handler failed (its failure could not be decoded)".into(),
+                backtrace: None,
+            }),
+        )),
+        ReplyStatus::UnknownActor | ReplyStatus::ActorStopped => {
+            imp.mark_dead(DeadReason::ActorStopped);
+            Err(RemoteError::DeadReference {
+                actor: imp.id,
+                reason: DeadReason::ActorStopped,
+            })
+        }
+        ReplyStatus::UnknownMessage => Err(RemoteError::UnknownMessage {
+            actor: imp.id,
+            message_type: type_name.to_owned(),
+        }),
+        ReplyStatus::MailboxFull => Err(RemoteError::MailboxFull { actor: imp.id }),
+        ReplyStatus::BadPayload => Err(RemoteError::Codec {
+            op: "decode (on the remote node)",
+            type_name: type_name.to_owned(),
+            reason: text(),
+        }),
+        ReplyStatus::TooLarge => Err(RemoteError::Protocol {
+            peer: imp.id.node.to_string(),
+            reason: format!("the reply was too large: {}", text()),
+        }),
+        ReplyStatus::Refused => Err(RemoteError::Protocol {
+            peer: imp.id.node.to_string(),
+            reason: format!("refused: {}", text()),
+        }),
+    }
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = Result<T, RemoteError>> + Send>>;
+
+/// A pending request; await it for the reply.
+#[must_use = "a request does nothing unless awaited"]
+pub struct Request<R> {
+    fut: BoxFuture<R>,
+    timeout: Option<Duration>,
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<R> Request<R> {
+    /// Fails with [`RemoteError::Timeout`] if no reply came within `after`.
+    /// The call may still run on the remote node.
+    pub fn timeout(mut self, after: Duration) -> Self {
+        self.timeout = Some(after);
+        self
+    }
+}
+
+impl<R> Future for Request<R> {
+    type Output = Result<R, RemoteError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = &mut *self;
+        if let Poll::Ready(r) = this.fut.as_mut().poll(cx) {
+            return Poll::Ready(r);
+        }
+        if let Some(after) = this.timeout {
+            let sleep = this
+                .sleep
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep(after)));
+            if sleep.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Err(RemoteError::Timeout { after }));
+            }
+        }
+        Poll::Pending
+    }
+}
+
+impl<A: Actor> Serialize for RemoteAddr<A> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let r = match &self.target {
+            Target::Local(entry, node) => {
+                let node = node
+                    .upgrade()
+                    .ok_or_else(|| serde::ser::Error::custom("the node has shut down"))?;
+                let id = node.ensure_exported(entry);
+                OutRef::Local(id)
+            }
+            Target::Remote(imp) => match imp.dead_reason() {
+                Some(_) => OutRef::Dead(imp.id),
+                None => OutRef::Imported(imp.clone()),
+            },
+        };
+        let index = refctx::push_ref::<S>(r)?;
+        s.serialize_newtype_struct("courier.ref", &index)
+    }
+}
+
+impl<'de, A: Actor> Deserialize<'de> for RemoteAddr<A> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let index = u32::deserialize(d)?;
+        let resolved = refctx::take_ref::<D>(index)?;
+        Self::from_resolved(resolved).map_err(D::Error::custom)
+    }
+}
