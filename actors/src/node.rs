@@ -645,6 +645,14 @@ impl NodeShared {
                     freed.push(v);
                 }
             }
+            for r in &refs {
+                if let OutRef::Local(id) = r {
+                    if let Some((_, v)) = st.exports.free_if_unheld(id.local) {
+                        v.clear_id();
+                        freed.push(v);
+                    }
+                }
+            }
             for t in lent {
                 let _ = st.imports.unlend(t, peer);
             }
@@ -653,6 +661,23 @@ impl NodeShared {
             return Err(e);
         }
         Ok(wire)
+    }
+
+    /// Frees the exports a message made and then did not send.
+    pub(crate) fn discard_out(&self, refs: &[OutRef]) {
+        let mut freed = Vec::new();
+        {
+            let mut st = self.lock();
+            for r in refs {
+                if let OutRef::Local(id) = r {
+                    if let Some((_, v)) = st.exports.free_if_unheld(id.local) {
+                        v.clear_id();
+                        freed.push(v);
+                    }
+                }
+            }
+        }
+        drop(freed);
     }
 
     /// Exports a local actor if it is not exported yet; returns its id.

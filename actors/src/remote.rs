@@ -258,7 +258,10 @@ impl<A: Actor> RemoteAddr<A> {
                     let (node, conn) = imp.connection().await?;
                     let enc = refctx::encode(&msg)?;
                     drop(msg);
-                    check_fds(&conn, enc.fds.len())?;
+                    if let Err(e) = check_fds(&conn, enc.fds.len()) {
+                        node.discard_out(&enc.refs);
+                        return Err(e);
+                    }
                     let refs = node.account_out(&conn, enc.refs)?;
                     let (tx, rx) = oneshot::channel();
                     conn.send(Command::Call {
@@ -335,7 +338,10 @@ impl<A: Actor> RemoteAddr<A> {
                     .upgrade()
                     .ok_or(imp.dead_error(DeadReason::NodeUnreachable))?;
                 let enc = refctx::encode(&msg)?;
-                check_fds(&conn, enc.fds.len())?;
+                if let Err(e) = check_fds(&conn, enc.fds.len()) {
+                    node.discard_out(&enc.refs);
+                    return Err(e);
+                }
                 let refs = node.account_out(&conn, enc.refs)?;
                 conn.try_send(
                     Command::Cast {

@@ -221,7 +221,11 @@ impl<T> Exports<T> {
         }
     }
 
-    fn free_if_unheld(&mut self, local: LocalId) -> Option<(ActorId, T)> {
+    /// Frees `local` if it is unpinned and no peer holds it (an export made
+    /// for a message that was then not sent). Returns the freed value.
+    pub fn free_if_unheld(&mut self, local: LocalId) -> Option<(ActorId, T)> {
+        let inc = self.incarnation;
+        self.entry(inc, local).ok()?;
         let e = &self.slab[local.index as usize];
         if e.pinned || !e.holders.is_empty() {
             return None;

@@ -1,1 +1,322 @@
-//! Helpers for the end-to-end tests.
+//! Actors and helpers shared by Courier's end-to-end tests and the
+//! `courier-test-node` program they start as a separate process.
+
+use std::os::fd::AsFd;
+use std::time::Duration;
+
+use actix::prelude::*;
+use courier::{Fd, Node, RemoteAddr};
+use serde::{Deserialize, Serialize};
+
+/// The cookie every test node uses (unless a test wants a wrong one).
+pub const COOKIE: &str = "courier test cookie, not secret";
+
+/// A counter: the classic remote actor.
+#[derive(Default)]
+pub struct Counter {
+    /// Running total.
+    pub total: u64,
+}
+
+impl Actor for Counter {
+    type Context = Context<Self>;
+}
+
+/// What the counter refuses.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum CounterError {
+    /// Adding zero is refused (to test typed errors).
+    #[error("refusing to add zero")]
+    Zero,
+}
+
+/// Adds to the counter; replies with the new total.
+#[derive(Message, Serialize, Deserialize)]
+#[rtype(result = "Result<u64, CounterError>")]
+pub struct Add(pub u64);
+
+/// Reads the total.
+#[derive(Message, Serialize, Deserialize)]
+#[rtype(result = "u64")]
+pub struct Get;
+
+/// Adds one, one-way.
+#[derive(Message, Serialize, Deserialize)]
+#[rtype(result = "()")]
+pub struct Bump;
+
+/// Makes the handler panic.
+#[derive(Message, Serialize, Deserialize)]
+#[rtype(result = "()")]
+pub struct Crash;
+
+/// Answers after this many milliseconds.
+#[derive(Message, Serialize, Deserialize)]
+#[rtype(result = "()")]
+pub struct Slow(pub u64);
+
+/// A message the counter is never exported with.
+#[derive(Message, Serialize, Deserialize)]
+#[rtype(result = "()")]
+pub struct NotHandled;
+
+/// Echoes bytes (for large payloads).
+#[derive(Message, Serialize, Deserialize)]
+#[rtype(result = "usize")]
+pub struct Blob(#[serde(with = "serde_bytes_vec")] pub Vec<u8>);
+
+mod serde_bytes_vec {
+    use serde::{Deserializer, Serializer};
+    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(v)
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Vec<u8>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("bytes")
+            }
+            fn visit_bytes<E>(self, v: &[u8]) -> Result<Vec<u8>, E> {
+                Ok(v.to_vec())
+            }
+            fn visit_byte_buf<E>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
+                Ok(v)
+            }
+        }
+        d.deserialize_bytes(V)
+    }
+}
+
+courier::remote_message!(
+    Add = "test.counter.add",
+    Get = "test.counter.get",
+    Bump = "test.counter.bump",
+    Crash = "test.counter.crash",
+    Slow = "test.counter.slow",
+    NotHandled = "test.counter.not_handled",
+    Blob = "test.counter.blob",
+);
+
+impl Handler<Add> for Counter {
+    type Result = Result<u64, CounterError>;
+    fn handle(&mut self, m: Add, _: &mut Context<Self>) -> Self::Result {
+        if m.0 == 0 {
+            return Err(CounterError::Zero);
+        }
+        self.total += m.0;
+        Ok(self.total)
+    }
+}
+
+impl Handler<Get> for Counter {
+    type Result = u64;
+    fn handle(&mut self, _: Get, _: &mut Context<Self>) -> u64 {
+        self.total
+    }
+}
+
+impl Handler<Bump> for Counter {
+    type Result = ();
+    fn handle(&mut self, _: Bump, _: &mut Context<Self>) {
+        self.total += 1;
+    }
+}
+
+impl Handler<Crash> for Counter {
+    type Result = ();
+    fn handle(&mut self, _: Crash, _: &mut Context<Self>) {
+        panic!("the counter was asked to crash");
+    }
+}
+
+impl Handler<Slow> for Counter {
+    type Result = ResponseActFuture<Self, ()>;
+    fn handle(&mut self, m: Slow, _: &mut Context<Self>) -> Self::Result {
+        Box::pin(actix::fut::wrap_future(tokio::time::sleep(Duration::from_millis(m.0))))
+    }
+}
+
+impl Handler<NotHandled> for Counter {
+    type Result = ();
+    fn handle(&mut self, _: NotHandled, _: &mut Context<Self>) {}
+}
+
+impl Handler<Blob> for Counter {
+    type Result = usize;
+    fn handle(&mut self, m: Blob, _: &mut Context<Self>) -> usize {
+        m.0.len()
+    }
+}
+
+/// Exports a counter, supervised, with every message but `NotHandled`.
+pub fn export_counter(node: &Node, name: &str) -> RemoteAddr<Counter> {
+    node.export_supervised(Counter::default)
+        .handles::<Add>()
+        .handles::<Get>()
+        .handles::<Bump>()
+        .handles::<Crash>()
+        .handles::<Slow>()
+        .handles::<Blob>()
+        .failure_details(true)
+        .register(name)
+        .expect("name is free")
+}
+
+/// A chat room handing out member references.
+#[derive(Default)]
+pub struct Room {
+    members: Vec<(String, RemoteAddr<Member>)>,
+}
+
+impl Actor for Room {
+    type Context = Context<Self>;
+}
+
+/// A chat member: keeps what it heard.
+#[derive(Default)]
+pub struct Member {
+    heard: Vec<String>,
+}
+
+impl Actor for Member {
+    type Context = Context<Self>;
+}
+
+/// Joins the room; replies with the member count.
+#[derive(Message, Serialize, Deserialize)]
+#[rtype(result = "usize")]
+pub struct Join {
+    /// The new member.
+    pub member: RemoteAddr<Member>,
+    /// Its name.
+    pub name: String,
+}
+
+/// Leaves the room (drops the room's reference).
+#[derive(Message, Serialize, Deserialize)]
+#[rtype(result = "usize")]
+pub struct Leave(pub String);
+
+/// Returns every member reference.
+#[derive(Message, Serialize, Deserialize)]
+#[rtype(result = "Vec<(String, RemoteAddr<Member>)>")]
+pub struct Members;
+
+/// Tells a member something.
+#[derive(Message, Serialize, Deserialize)]
+#[rtype(result = "usize")]
+pub struct Say(pub String);
+
+/// What a member heard.
+#[derive(Message, Serialize, Deserialize)]
+#[rtype(result = "Vec<String>")]
+pub struct Heard;
+
+/// Writes text into an open file handed over with the message.
+#[derive(Message, Serialize, Deserialize)]
+#[rtype(result = "Result<usize, String>")]
+pub struct WriteInto {
+    /// The file.
+    pub file: Fd,
+    /// What to write.
+    pub text: String,
+}
+
+courier::remote_message!(
+    Join = "test.room.join",
+    Leave = "test.room.leave",
+    Members = "test.room.members",
+    Say = "test.member.say",
+    Heard = "test.member.heard",
+    WriteInto = "test.file.write",
+);
+
+impl Handler<Join> for Room {
+    type Result = usize;
+    fn handle(&mut self, m: Join, _: &mut Context<Self>) -> usize {
+        self.members.push((m.name, m.member));
+        self.members.len()
+    }
+}
+
+impl Handler<Leave> for Room {
+    type Result = usize;
+    fn handle(&mut self, m: Leave, _: &mut Context<Self>) -> usize {
+        self.members.retain(|(n, _)| *n != m.0);
+        self.members.len()
+    }
+}
+
+impl Handler<Members> for Room {
+    type Result = MessageResult<Members>;
+    fn handle(&mut self, _: Members, _: &mut Context<Self>) -> Self::Result {
+        MessageResult(self.members.clone())
+    }
+}
+
+impl Handler<Say> for Member {
+    type Result = usize;
+    fn handle(&mut self, m: Say, _: &mut Context<Self>) -> usize {
+        self.heard.push(m.0);
+        self.heard.len()
+    }
+}
+
+impl Handler<Heard> for Member {
+    type Result = MessageResult<Heard>;
+    fn handle(&mut self, _: Heard, _: &mut Context<Self>) -> Self::Result {
+        MessageResult(self.heard.clone())
+    }
+}
+
+impl Handler<WriteInto> for Member {
+    type Result = Result<usize, String>;
+    fn handle(&mut self, m: WriteInto, _: &mut Context<Self>) -> Self::Result {
+        rustix::io::write(m.file.0.as_fd(), m.text.as_bytes()).map_err(|e| e.to_string())
+    }
+}
+
+/// Exports a room under `name`.
+pub fn export_room(node: &Node, name: &str) -> RemoteAddr<Room> {
+    node.export(Room::default().start())
+        .handles::<Join>()
+        .handles::<Leave>()
+        .handles::<Members>()
+        .register(name)
+        .expect("name is free")
+}
+
+/// A member, exported anonymously (freed when no peer holds it).
+pub fn new_member(node: &Node) -> RemoteAddr<Member> {
+    node.export(Member::default().start())
+        .handles::<Say>()
+        .handles::<Heard>()
+        .handles::<WriteInto>()
+        .anonymous()
+}
+
+/// Starts a node with the test cookie, listening on `listen` (if any).
+pub async fn node(listen: Option<&str>) -> Node {
+    let mut b = Node::builder()
+        .cookie(COOKIE)
+        .heartbeat(Duration::from_millis(200), Duration::from_millis(600));
+    if let Some(l) = listen {
+        b = b.listen(l);
+    }
+    b.start().await.expect("node starts")
+}
+
+/// Polls `check` every 20 ms until it holds or `within` passes.
+pub async fn eventually(within: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let end = tokio::time::Instant::now() + within;
+    loop {
+        if check() {
+            return true;
+        }
+        if tokio::time::Instant::now() >= end {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

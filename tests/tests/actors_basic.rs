@@ -1,0 +1,274 @@
+//! Remote actors between nodes in one process, over TCP on loopback:
+//! typed replies and errors, one-way messages, failures, limits, and
+//! references passed between three nodes.
+
+use std::time::Duration;
+
+use actix::prelude::*;
+use courier::{ActorDown, DeadReason, Limits, Node, NodeDown, RemoteError};
+use courier_tests::*;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+fn run<F: std::future::Future<Output = ()>>(f: F) {
+    actix::System::new().block_on(f);
+}
+
+async fn server_and_client() -> (Node, Node, String) {
+    let server = node(Some("tcp://127.0.0.1:0")).await;
+    export_counter(&server, "counter");
+    let addr = server.local_addrs()[0].to_string();
+    let client = node(None).await;
+    (server, client, addr)
+}
+
+#[test]
+fn typed_reply_typed_error_and_one_way() {
+    run(async {
+        let (_server, client, addr) = server_and_client().await;
+        let counter = client.lookup::<Counter>(&addr, "counter").await.unwrap();
+        assert!(!counter.is_local());
+        assert_eq!(counter.send(Add(5)).await.unwrap(), Ok(5));
+        assert_eq!(counter.send(Add(0)).await.unwrap(), Err(CounterError::Zero));
+        for _ in 0..10 {
+            counter.do_send(Bump).unwrap();
+        }
+        // One-way messages on one connection arrive in order, before the
+        // call sent after them.
+        assert_eq!(counter.send(Get).await.unwrap(), 15);
+    });
+}
+
+#[test]
+fn unknown_name_unknown_message_and_timeout() {
+    run(async {
+        let (_server, client, addr) = server_and_client().await;
+        let e = client.lookup::<Counter>(&addr, "nobody").await.unwrap_err();
+        assert!(matches!(e, RemoteError::UnknownActor { .. }), "{e}");
+        let counter = client.lookup::<Counter>(&addr, "counter").await.unwrap();
+        let e = counter.send(NotHandled).await.unwrap_err();
+        assert!(
+            matches!(&e, RemoteError::UnknownMessage { message_type, .. } if message_type == "test.counter.not_handled"),
+            "{e}"
+        );
+        let e = counter
+            .send(Slow(2_000))
+            .timeout(Duration::from_millis(100))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, RemoteError::Timeout { .. }), "{e}");
+        // The connection is still good.
+        assert_eq!(counter.send(Add(1)).await.unwrap(), Ok(1));
+    });
+}
+
+#[test]
+fn a_panicking_actor_is_restarted_and_keeps_its_id() {
+    run(async {
+        let (_server, client, addr) = server_and_client().await;
+        let counter = client.lookup::<Counter>(&addr, "counter").await.unwrap();
+        let id = counter.id();
+        assert_eq!(counter.send(Add(7)).await.unwrap(), Ok(7));
+        let e = counter.send(Crash).await.unwrap_err();
+        let RemoteError::Remote(f) = &e else {
+            panic!("{e}")
+        };
+        assert_eq!(f.type_name, "panic");
+        assert!(f.message.contains("asked to crash"), "{}", f.message);
+        // Same reference, same id, a fresh actor behind it.
+        assert_eq!(counter.send(Add(1)).await.unwrap(), Ok(1));
+        assert_eq!(counter.id(), id);
+        // A fresh lookup finds the same id.
+        let again = client.lookup::<Counter>(&addr, "counter").await.unwrap();
+        assert_eq!(again.id(), id);
+    });
+}
+
+#[test]
+fn wrong_cookie_is_refused_on_both_sides() {
+    run(async {
+        let server = node(Some("tcp://127.0.0.1:0")).await;
+        export_counter(&server, "counter");
+        let addr = server.local_addrs()[0].to_string();
+        let intruder = Node::builder()
+            .cookie("not the test cookie at all!")
+            .start()
+            .await
+            .unwrap();
+        let e = intruder.lookup::<Counter>(&addr, "counter").await.unwrap_err();
+        assert!(matches!(e, RemoteError::Authentication { .. }), "{e}");
+        assert!(
+            eventually(WAIT, || server.stats().handshakes_failed == 1).await,
+            "the server saw the failure"
+        );
+        assert_eq!(server.stats().calls_in, 0, "no application message arrived");
+        assert_eq!(server.stats().connections, 0);
+    });
+}
+
+#[test]
+fn short_cookie_is_a_clear_error() {
+    run(async {
+        let e = Node::builder().cookie("short").start().await.unwrap_err();
+        assert!(e.to_string().contains("16 bytes"), "{e}");
+    });
+}
+
+#[test]
+fn local_references_skip_the_wire() {
+    run(async {
+        let server = node(None).await;
+        let counter = export_counter(&server, "counter");
+        assert!(counter.is_local());
+        assert_eq!(counter.send(Add(2)).await.unwrap(), Ok(2));
+        assert_eq!(server.stats().calls_in, 0);
+    });
+}
+
+#[test]
+fn references_travel_to_a_third_node_and_are_released() {
+    run(async {
+        let a = node(Some("tcp://127.0.0.1:0")).await;
+        let b = node(Some("tcp://127.0.0.1:0")).await;
+        let c = node(None).await;
+        export_room(&a, "room");
+        let a_addr = a.local_addrs()[0].to_string();
+
+        // B joins A's room with a member of its own.
+        let room_from_b = b.lookup::<Room>(&a_addr, "room").await.unwrap();
+        let member = new_member(&b);
+        assert_eq!(
+            room_from_b
+                .send(Join {
+                    member: member.clone(),
+                    name: "bob".into()
+                })
+                .await
+                .unwrap(),
+            1
+        );
+        // B's member is exported, held by A.
+        let ex = b.exports();
+        let m = ex.iter().find(|e| e.name.is_none()).expect("member exported");
+        assert_eq!(m.holders.len(), 1);
+        assert_eq!(m.holders[0].peer, a.id());
+
+        // C asks A for the members and calls B's member directly.
+        let room_from_c = c.lookup::<Room>(&a_addr, "room").await.unwrap();
+        let members = room_from_c.send(Members).await.unwrap();
+        assert_eq!(members.len(), 1);
+        let (name, bob) = &members[0];
+        assert_eq!(name, "bob");
+        assert_eq!(bob.id().unwrap().node, b.id(), "a live reference to B's actor, not a proxy");
+        assert_eq!(bob.send(Say("hi bob".into())).await.unwrap(), 1);
+        assert_eq!(member.send(Heard).await.unwrap(), vec!["hi bob".to_owned()]);
+        // C now holds its own count at B.
+        assert!(
+            eventually(WAIT, || b
+                .exports()
+                .iter()
+                .any(|e| e.holders.iter().any(|h| h.peer == c.id())))
+            .await
+        );
+
+        // Everyone lets go: the room drops bob, C drops its copies.
+        assert_eq!(room_from_b.send(Leave("bob".into())).await.unwrap(), 0);
+        drop(members);
+        drop(member);
+        assert!(
+            eventually(WAIT, || b.exports().iter().all(|e| e.name.is_some())).await,
+            "B's export table is back to its named actors: {:?}",
+            b.exports()
+        );
+        assert!(eventually(WAIT, || c.stats().imports <= 1).await);
+    });
+}
+
+#[test]
+fn too_many_references_is_a_typed_error() {
+    run(async {
+        let a = node(Some("tcp://127.0.0.1:0")).await;
+        export_room(&a, "room");
+        let a_addr = a.local_addrs()[0].to_string();
+        let b = Node::builder()
+            .cookie(COOKIE)
+            .limits(Limits {
+                max_refs_per_peer: 2,
+                ..Limits::default()
+            })
+            .start()
+            .await
+            .unwrap();
+        let room = b.lookup::<Room>(&a_addr, "room").await.unwrap();
+        let mut kept = Vec::new();
+        for i in 0..2 {
+            let m = new_member(&b);
+            room.send(Join {
+                member: m.clone(),
+                name: format!("m{i}"),
+            })
+            .await
+            .unwrap();
+            kept.push(m);
+        }
+        let e = room
+            .send(Join {
+                member: new_member(&b),
+                name: "one too many".into(),
+            })
+            .await
+            .unwrap_err();
+        assert!(matches!(e, RemoteError::LimitReached { max: 2, .. }), "{e}");
+        // Nothing half-counted: still two holds.
+        assert_eq!(b.exports().len(), 2);
+    });
+}
+
+struct Watcher(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
+impl Actor for Watcher {
+    type Context = Context<Self>;
+}
+impl Handler<ActorDown> for Watcher {
+    type Result = ();
+    fn handle(&mut self, m: ActorDown, _: &mut Context<Self>) {
+        self.0.lock().unwrap().push(format!("actor {:?}", m.reason));
+    }
+}
+impl Handler<NodeDown> for Watcher {
+    type Result = ();
+    fn handle(&mut self, m: NodeDown, _: &mut Context<Self>) {
+        self.0.lock().unwrap().push(format!("node {}", m.node));
+    }
+}
+
+#[test]
+fn a_peer_that_leaves_turns_references_dead_and_fires_monitors() {
+    run(async {
+        let (server, client, addr) = server_and_client().await;
+        let counter = client.lookup::<Counter>(&addr, "counter").await.unwrap();
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let w = Watcher(seen.clone()).start();
+        client.monitor(&counter, w.clone().recipient());
+        client.monitor_node(server.id(), w.recipient());
+        let pending = counter.send(Slow(5_000));
+        let pending = actix::spawn(pending);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        server.shutdown().await;
+        let e = pending.await.unwrap().unwrap_err();
+        assert!(matches!(e, RemoteError::ConnectionLost { .. }), "{e}");
+        let e = counter.send(Get).await.unwrap_err();
+        assert!(
+            matches!(
+                e,
+                RemoteError::DeadReference {
+                    reason: DeadReason::NodeUnreachable,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(eventually(WAIT, || seen.lock().unwrap().len() == 2).await);
+        assert_eq!(client.stats().imports, 0);
+        assert!(client.peers().is_empty());
+    });
+}
