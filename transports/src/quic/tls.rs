@@ -320,9 +320,15 @@ impl PeerVerifier {
     }
 }
 
-/// The error a peer whose certificate nothing vouches for gets.
-#[derive(Debug)]
+/// The error a peer whose certificate nothing vouches for gets. rustls
+/// shows it with `Debug`, so that reads as the message too.
 struct NotTrusted(Fingerprint);
+
+impl fmt::Debug for NotTrusted {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
 
 impl fmt::Display for NotTrusted {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
