@@ -78,6 +78,9 @@ pub(crate) struct ConnShared {
     pub caps: LinkCaps,
     pub scheme: &'static str,
     pub remote: String,
+    /// Where third parties can reach the peer: the address we dialed, else
+    /// the first address it announced, else empty.
+    pub reach: String,
     pub tx: mpsc::Sender<Command>,
     /// Unbounded: reference traffic and replies that must never be lost.
     pub ctl: mpsc::UnboundedSender<Command>,
@@ -339,8 +342,14 @@ impl Driver {
             Event::Established(peer) => {
                 let caps = self.link.caps();
                 self.link.set_max_frame_len(self.session.max_frame_len());
+                let reach = self
+                    .dial
+                    .clone()
+                    .or_else(|| peer.listen.first().cloned())
+                    .unwrap_or_default();
                 let handle = ConnHandle(Arc::new(ConnShared {
                     id: self.conn_id,
+                    reach,
                     peer,
                     caps,
                     scheme: self.scheme,

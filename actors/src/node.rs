@@ -360,7 +360,7 @@ impl NodeShared {
                         continue;
                     }
                     st.imports.receive_direct(a);
-                    let addr = h.0.remote.clone();
+                    let addr = h.0.reach.clone();
                     let i = self.inner_for(&mut st, a, Some(h.clone()), addr);
                     out.push(Resolved::Remote(i));
                 } else {
@@ -612,7 +612,8 @@ impl NodeShared {
                         .conns
                         .get(&i.id.node)
                         .and_then(|v| v.first())
-                        .and_then(|c| c.0.peer.listen.first().cloned())
+                        .map(|c| c.0.reach.clone())
+                        .filter(|a| !a.is_empty())
                         .unwrap_or_else(|| i.owner_addr.clone());
                     match st.imports.lend(i.id, peer) {
                         Ok(token) => {

@@ -133,7 +133,9 @@ impl Handler<Crash> for Counter {
 impl Handler<Slow> for Counter {
     type Result = ResponseActFuture<Self, ()>;
     fn handle(&mut self, m: Slow, _: &mut Context<Self>) -> Self::Result {
-        Box::pin(actix::fut::wrap_future(tokio::time::sleep(Duration::from_millis(m.0))))
+        Box::pin(actix::fut::wrap_future(tokio::time::sleep(
+            Duration::from_millis(m.0),
+        )))
     }
 }
 
@@ -318,5 +320,85 @@ pub async fn eventually(within: Duration, mut check: impl FnMut() -> bool) -> bo
             return false;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A `courier-test-node` child process, killed when dropped.
+pub struct TestNode {
+    /// The process.
+    pub child: std::process::Child,
+    /// The address it listens on.
+    pub addr: String,
+    /// Lines it printed after READY (SAID lines come before READY).
+    pub said: Vec<String>,
+}
+
+impl TestNode {
+    /// Starts `courier-test-node` at `bin` with `args`, and waits (up to 30 s)
+    /// for its READY line.
+    pub fn start(bin: &str, args: &[&str]) -> TestNode {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(bin)
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .env("RUST_BACKTRACE", "0")
+            .spawn()
+            .expect("test node starts");
+        let stdout = child.stdout.take().expect("piped");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut said = Vec::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) => {
+                    if let Some(addr) = line.strip_prefix("READY ") {
+                        return TestNode {
+                            child,
+                            addr: addr.to_owned(),
+                            said,
+                        };
+                    }
+                    said.push(line);
+                }
+                Err(_) => {
+                    let _ = child.kill();
+                    panic!("test node did not get ready within 30 s; it printed {said:?}");
+                }
+            }
+        }
+    }
+
+    /// [`TestNode::start`] without blocking the calling node's thread (which
+    /// must keep serving while the child starts).
+    pub async fn start_async(bin: &'static str, args: Vec<String>) -> TestNode {
+        tokio::task::spawn_blocking(move || {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            TestNode::start(bin, &args)
+        })
+        .await
+        .expect("starter thread")
+    }
+
+    /// Sends a signal to the process.
+    pub fn signal(&self, sig: rustix::process::Signal) {
+        let pid = rustix::process::Pid::from_raw(self.child.id() as i32).expect("pid");
+        rustix::process::kill_process(pid, sig).expect("signal sent");
+    }
+}
+
+impl Drop for TestNode {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }

@@ -95,7 +95,10 @@ fn wrong_cookie_is_refused_on_both_sides() {
             .start()
             .await
             .unwrap();
-        let e = intruder.lookup::<Counter>(&addr, "counter").await.unwrap_err();
+        let e = intruder
+            .lookup::<Counter>(&addr, "counter")
+            .await
+            .unwrap_err();
         assert!(matches!(e, RemoteError::Authentication { .. }), "{e}");
         assert!(
             eventually(WAIT, || server.stats().handshakes_failed == 1).await,
@@ -149,7 +152,10 @@ fn references_travel_to_a_third_node_and_are_released() {
         );
         // B's member is exported, held by A.
         let ex = b.exports();
-        let m = ex.iter().find(|e| e.name.is_none()).expect("member exported");
+        let m = ex
+            .iter()
+            .find(|e| e.name.is_none())
+            .expect("member exported");
         assert_eq!(m.holders.len(), 1);
         assert_eq!(m.holders[0].peer, a.id());
 
@@ -159,7 +165,11 @@ fn references_travel_to_a_third_node_and_are_released() {
         assert_eq!(members.len(), 1);
         let (name, bob) = &members[0];
         assert_eq!(name, "bob");
-        assert_eq!(bob.id().unwrap().node, b.id(), "a live reference to B's actor, not a proxy");
+        assert_eq!(
+            bob.id().unwrap().node,
+            b.id(),
+            "a live reference to B's actor, not a proxy"
+        );
         assert_eq!(bob.send(Say("hi bob".into())).await.unwrap(), 1);
         assert_eq!(member.send(Heard).await.unwrap(), vec!["hi bob".to_owned()]);
         // C now holds its own count at B.

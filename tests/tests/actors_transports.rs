@@ -142,9 +142,15 @@ fn quic_refuses_an_unpinned_peer() {
             .start()
             .await
             .unwrap();
-        let e = client.lookup::<Counter>(&addr, "counter").await.unwrap_err();
+        let e = client
+            .lookup::<Counter>(&addr, "counter")
+            .await
+            .unwrap_err();
         assert!(
-            matches!(e, RemoteError::Unreachable { .. } | RemoteError::Protocol { .. }),
+            matches!(
+                e,
+                RemoteError::Unreachable { .. } | RemoteError::Protocol { .. }
+            ),
             "{e}"
         );
         assert_eq!(server.stats().calls_in, 0);

@@ -13,9 +13,10 @@ use courier_tests::{export_counter, export_room, new_member, Members, COOKIE};
 #[actix::main]
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let mut b = courier::Node::builder()
-        .cookie(COOKIE)
-        .heartbeat(std::time::Duration::from_millis(200), std::time::Duration::from_millis(600));
+    let mut b = courier::Node::builder().cookie(COOKIE).heartbeat(
+        std::time::Duration::from_millis(200),
+        std::time::Duration::from_millis(600),
+    );
     let worker = std::env::var(courier::WORKER_ENV).is_ok();
     if worker {
         let link = courier::worker_link_from_env().await.expect("parent link");
