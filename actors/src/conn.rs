@@ -651,8 +651,8 @@ impl Future for Driver {
                     }
                     return Poll::Ready(());
                 }
-                if this.closing_since.is_some() && this.timer_at.is_none() {
-                    let at = this.closing_since.expect("set") + CLOSE_GRACE;
+                if let (Some(since), None) = (this.closing_since, this.timer_at) {
+                    let at = since + CLOSE_GRACE;
                     this.timer_at = Some(at);
                     this.timer.as_mut().reset(at.into());
                     let _ = this.timer.as_mut().poll(cx);

@@ -163,6 +163,8 @@ pub(crate) trait ExportedAny: Send + Sync + 'static {
     fn actor_type(&self) -> &'static str;
     /// Forgets its id (the export was freed).
     fn clear_id(&self);
+    /// How many times it was restarted.
+    fn restarts(&self) -> u64;
 }
 
 type HandlerFn<A> = Arc<dyn Fn(Arc<ExportEntry<A>>, Inbound) + Send + Sync>;
@@ -198,11 +200,6 @@ impl<A: Actor> ExportEntry<A> {
                   restarts = n, "exported actor restarted");
         }
         slot.clone()
-    }
-
-    /// How many times it was restarted.
-    pub fn restarts(&self) -> u64 {
-        self.restarts.load(Ordering::Relaxed)
     }
 
     fn panic_failure(&self, type_name: &str) -> RemoteFailure {
@@ -261,6 +258,10 @@ impl<A: Actor> ExportedAny for ExportEntry<A> {
     fn clear_id(&self) {
         *self.id.lock().expect("not poisoned") = None;
     }
+
+    fn restarts(&self) -> u64 {
+        self.restarts.load(Ordering::Relaxed)
+    }
 }
 
 fn handler<A, M>() -> HandlerFn<A>
@@ -277,10 +278,14 @@ where
             fds,
             reply,
             guard,
+            caller,
             ..
         } = inbound;
         let msg: M = match refctx::decode(&payload, refs, fds) {
-            Ok(m) => m,
+            Ok(mut m) => {
+                M::set_caller(&mut m, caller);
+                m
+            }
             Err(e) => {
                 if let Some(r) = reply {
                     actix::spawn(r.fail(ReplyStatus::BadPayload, e.to_string()));

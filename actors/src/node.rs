@@ -104,6 +104,8 @@ pub struct ExportSummary {
     pub message_types: Vec<&'static str>,
     /// Peers holding references, with counts.
     pub holders: Vec<Holder>,
+    /// How many times the actor was restarted after stopping or panicking.
+    pub restarts: u64,
 }
 
 /// Counters of a node.
@@ -895,7 +897,7 @@ impl NodeShared {
                         drop(link);
                         continue;
                     }
-                    let _ = self.spawn_driver(link, Role::Acceptor, scheme, None);
+                    drop(self.spawn_driver(link, Role::Acceptor, scheme, None));
                 }
                 Err(courier_runtime::transport::TransportError::Closed) => return,
                 Err(e) => {
@@ -1156,7 +1158,7 @@ impl NodeBuilder {
         }
         for (link, role, scheme) in self.links {
             shared.handshaking.fetch_add(1, Ordering::AcqRel);
-            let _ = shared.spawn_driver(link, role, scheme, None);
+            drop(shared.spawn_driver(link, role, scheme, None));
         }
         Ok(Node { shared })
     }
@@ -1294,6 +1296,37 @@ impl Node {
         st.node_monitors.entry(node).or_default().push(to);
     }
 
+    /// Removes the actor registered as `name` from the registry and the
+    /// export table. Peers holding references are told (their references
+    /// turn dead with [`DeadReason::ActorStopped`] and their monitors fire).
+    /// Returns whether the name was registered.
+    pub fn unregister(&self, name: &str) -> bool {
+        let (removed, holders) = {
+            let mut st = self.shared.lock();
+            let Some(local) = st.names.remove(name) else {
+                return false;
+            };
+            let id = st.exports.id(local);
+            let holders: Vec<(ActorId, ConnHandle)> = st
+                .exports
+                .holders(local)
+                .iter()
+                .filter_map(|h| st.conns.get(&h.peer).and_then(|v| v.first()).cloned())
+                .map(|c| (id, c))
+                .collect();
+            let removed = st.exports.unexport(local);
+            (removed, holders)
+        };
+        if let Some((v, _)) = &removed {
+            v.clear_id();
+        }
+        drop(removed);
+        for (id, c) in holders {
+            let _ = c.0.ctl.send(Command::Down(id));
+        }
+        true
+    }
+
     /// Established connections.
     pub fn peers(&self) -> Vec<PeerSummary> {
         let st = self.shared.lock();
@@ -1314,6 +1347,7 @@ impl Node {
                 name: names.get(&id.local).map(|s| (*s).clone()),
                 message_types: v.message_types(),
                 holders: holders.to_vec(),
+                restarts: v.restarts(),
             })
             .collect()
     }
@@ -1474,6 +1508,10 @@ impl ExportedAny for Root {
     }
 
     fn clear_id(&self) {}
+
+    fn restarts(&self) -> u64 {
+        0
+    }
 }
 
 #[allow(dead_code)]

@@ -217,13 +217,6 @@ impl<A: Actor> RemoteAddr<A> {
         }
     }
 
-    pub(crate) fn imported(&self) -> Option<&Arc<Imported>> {
-        match &self.target {
-            Target::Remote(r) => Some(r),
-            Target::Local(..) => None,
-        }
-    }
-
     /// Sends `msg` and waits for the typed reply. Add
     /// [`Request::timeout`] to bound the wait.
     pub fn send<M>(&self, msg: M) -> Request<M::Result>

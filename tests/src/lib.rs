@@ -88,6 +88,24 @@ mod serde_bytes_vec {
     }
 }
 
+/// Asks who is calling: the handler sees the authenticated peer.
+#[derive(Message, Serialize, Deserialize, Default)]
+#[rtype(result = "Option<String>")]
+pub struct WhoAmI {
+    /// Filled in by Courier on arrival from a peer.
+    #[serde(skip)]
+    pub caller: Option<courier::Caller>,
+}
+
+courier::remote_message!(WhoAmI = "test.counter.whoami", caller = caller);
+
+impl Handler<WhoAmI> for Counter {
+    type Result = Option<String>;
+    fn handle(&mut self, m: WhoAmI, _: &mut Context<Self>) -> Option<String> {
+        m.caller.map(|c| format!("{} {}", c.node, c.key_id))
+    }
+}
+
 courier::remote_message!(
     Add = "test.counter.add",
     Get = "test.counter.get",
@@ -160,6 +178,7 @@ pub fn export_counter(node: &Node, name: &str) -> RemoteAddr<Counter> {
         .handles::<Crash>()
         .handles::<Slow>()
         .handles::<Blob>()
+        .handles::<WhoAmI>()
         .failure_details(true)
         .register(name)
         .expect("name is free")
@@ -372,6 +391,7 @@ impl TestNode {
                 }
                 Err(_) => {
                     let _ = child.kill();
+                    let _ = child.wait();
                     panic!("test node did not get ready within 30 s; it printed {said:?}");
                 }
             }

@@ -282,3 +282,89 @@ fn a_peer_that_leaves_turns_references_dead_and_fires_monitors() {
         assert!(client.peers().is_empty());
     });
 }
+
+#[test]
+fn handlers_see_the_authenticated_caller() {
+    run(async {
+        let (_server, client, addr) = server_and_client().await;
+        let counter = client.lookup::<Counter>(&addr, "counter").await.unwrap();
+        let who = counter.send(WhoAmI::default()).await.unwrap();
+        assert_eq!(who, Some(format!("{} default", client.id())));
+    });
+}
+
+#[test]
+fn unregistering_tells_holders_their_references_are_dead() {
+    run(async {
+        let (server, client, addr) = server_and_client().await;
+        let counter = client.lookup::<Counter>(&addr, "counter").await.unwrap();
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        client.monitor(&counter, Watcher(seen.clone()).start().recipient());
+        assert!(server.unregister("counter"));
+        assert!(!server.unregister("counter"));
+        assert!(eventually(WAIT, || !seen.lock().unwrap().is_empty()).await);
+        assert_eq!(seen.lock().unwrap()[0], "actor ActorStopped");
+        let e = counter.send(Get).await.unwrap_err();
+        assert!(
+            matches!(
+                e,
+                RemoteError::DeadReference {
+                    reason: DeadReason::ActorStopped,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        let e = client
+            .lookup::<Counter>(&addr, "counter")
+            .await
+            .unwrap_err();
+        assert!(matches!(e, RemoteError::UnknownActor { .. }), "{e}");
+    });
+}
+
+#[test]
+fn a_flood_of_one_way_messages_meets_backpressure_not_unbounded_memory() {
+    run(async {
+        let server = Node::builder()
+            .cookie(COOKIE)
+            .listen("tcp://127.0.0.1:0")
+            .limits(Limits {
+                max_inbound_in_flight: 4,
+                ..Limits::default()
+            })
+            .start()
+            .await
+            .unwrap();
+        export_counter(&server, "counter");
+        let addr = server.local_addrs()[0].to_string();
+        let client = Node::builder()
+            .cookie(COOKIE)
+            .limits(Limits {
+                command_queue: 32,
+                ..Limits::default()
+            })
+            .start()
+            .await
+            .unwrap();
+        let counter = client.lookup::<Counter>(&addr, "counter").await.unwrap();
+        let mut full = 0;
+        let mut sent = 0;
+        for _ in 0..2_000 {
+            match counter.do_send(Slow(2)) {
+                Ok(()) => sent += 1,
+                Err(RemoteError::MailboxFull { .. }) => full += 1,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert!(full > 0, "the sender was never pushed back ({sent} sent)");
+        // What was accepted is delivered, and the connection still works.
+        let total = counter
+            .send(Get)
+            .timeout(Duration::from_secs(60))
+            .await
+            .unwrap();
+        assert_eq!(total, 0);
+        assert_eq!(counter.send(Add(1)).await.unwrap(), Ok(1));
+    });
+}
