@@ -69,7 +69,10 @@ impl Transport for FdTransport {
             let n = match to {
                 Address::Fd { fd: Some(n) } => *n,
                 Address::Fd { fd: None } => {
-                    return Err(wrong(to, "fd://listen is for listening; connect takes fd://N"))
+                    return Err(wrong(
+                        to,
+                        "fd://listen is for listening; connect takes fd://N",
+                    ))
                 }
                 other => return Err(wrong(other, "the fd transport takes fd:// addresses")),
             };
@@ -138,8 +141,11 @@ pub fn listener_from_fd(
     listener_from(fd, None, at, cfg)
 }
 
+/// Two links joined to each other.
+pub type LinkPair = (Box<dyn Link>, Box<dyn Link>);
+
 /// A connected pair of descriptor-carrying links, joined by the kernel.
-pub fn socketpair(cfg: &StreamConfig) -> Result<(Box<dyn Link>, Box<dyn Link>), TransportError> {
+pub fn socketpair(cfg: &StreamConfig) -> Result<LinkPair, TransportError> {
     let (a, b) = raw_socketpair()?;
     Ok((
         make_link(a, AddressFamily::UNIX, "socketpair".into(), None, cfg)?,
@@ -290,7 +296,9 @@ fn inspect(fd: &OwnedFd, what: &str) -> Result<Kind, TransportError> {
     };
     let ty = match rustix::net::sockopt::socket_type(fd) {
         Ok(t) => t,
-        Err(rustix::io::Errno::NOTSOCK) => return Err(bad("the descriptor is not a socket".into())),
+        Err(rustix::io::Errno::NOTSOCK) => {
+            return Err(bad("the descriptor is not a socket".into()))
+        }
         Err(e) => return Err(TransportError::io(op, e.into())),
     };
     if ty != SocketType::STREAM {
@@ -298,16 +306,23 @@ fn inspect(fd: &OwnedFd, what: &str) -> Result<Kind, TransportError> {
             "the descriptor is a {ty:?} socket; only stream sockets are supported"
         )));
     }
-    let family =
-        rustix::net::sockopt::socket_domain(fd).map_err(|e| TransportError::io(op.clone(), e.into()))?;
-    if ![AddressFamily::UNIX, AddressFamily::INET, AddressFamily::INET6].contains(&family) {
+    let family = rustix::net::sockopt::socket_domain(fd)
+        .map_err(|e| TransportError::io(op.clone(), e.into()))?;
+    if ![
+        AddressFamily::UNIX,
+        AddressFamily::INET,
+        AddressFamily::INET6,
+    ]
+    .contains(&family)
+    {
         return Err(bad(format!(
             "the descriptor is a {family:?} socket; only unix and tcp sockets are supported"
         )));
     }
     let listening = rustix::net::sockopt::socket_acceptconn(fd)
         .map_err(|e| TransportError::io(op.clone(), e.into()))?;
-    let flags = rustix::io::fcntl_getfd(fd).map_err(|e| TransportError::io(op.clone(), e.into()))?;
+    let flags =
+        rustix::io::fcntl_getfd(fd).map_err(|e| TransportError::io(op.clone(), e.into()))?;
     rustix::io::fcntl_setfd(fd, flags | FdFlags::CLOEXEC)
         .map_err(|e| TransportError::io(op.clone(), e.into()))?;
     rustix::io::ioctl_fionbio(fd, true).map_err(|e| TransportError::io(op, e.into()))?;
@@ -381,9 +396,8 @@ fn listener_from(
             }))
         }
         Kind::Listening(_) => {
-            let listener =
-                tokio::net::TcpListener::from_std(std::net::TcpListener::from(fd))
-                    .map_err(|e| TransportError::io(op, e))?;
+            let listener = tokio::net::TcpListener::from_std(std::net::TcpListener::from(fd))
+                .map_err(|e| TransportError::io(op, e))?;
             let mut l = tcp_listener(listener, cfg.clone())?;
             l._adopted = guard;
             Ok(Box::new(l))
@@ -451,7 +465,10 @@ impl Listener for OneLinkListener {
         self.local.clone()
     }
 
-    fn poll_accept(&mut self, _cx: &mut Context<'_>) -> Poll<Result<Box<dyn Link>, TransportError>> {
+    fn poll_accept(
+        &mut self,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Result<Box<dyn Link>, TransportError>> {
         match self.link.take() {
             Some(link) => Poll::Ready(Ok(link)),
             None => Poll::Pending,

@@ -18,22 +18,30 @@
 //! `Arc<dyn Transport>`; it dispatches on the scheme of each address:
 //!
 //! ```no_run
-//! # async fn demo() -> Result<(), courier_runtime::transport::TransportError> {
+//! # async fn demo(peer_fingerprint: &str) -> Result<(), Box<dyn std::error::Error>> {
 //! use std::sync::Arc;
-//! use courier_runtime::transport::{Address, Transport};
+//! use courier_runtime::transport::{Address, Frame, Transport};
 //! use courier_transports::quic::{Identity, PeerTrust, QuicConfig};
-//! use courier_transports::AnyTransport;
+//! use courier_transports::{AnyTransport, LinkExt, ListenerExt};
 //!
+//! // QUIC needs an identity (kept in a directory across restarts) and a
+//! // trust policy; TCP, Unix and fd work without configuration.
 //! let identity = Identity::load_or_generate("/var/lib/mynode/tls".as_ref(), "mynode")?;
-//! println!("pin me with {}", identity.fingerprint());
-//! let trust = PeerTrust::pinned(["ab12...".parse()?]);
+//! println!("peers pin us with {}", identity.fingerprint());
+//! let trust = PeerTrust::pinned([peer_fingerprint.parse()?]);
 //! let transport: Arc<dyn Transport> = Arc::new(
 //!     AnyTransport::builder()
 //!         .quic(QuicConfig::new(identity, trust))
 //!         .build()?,
 //! );
-//! let addr: Address = "tcp://127.0.0.1:0".parse()?;
-//! let listener = transport.listen(&addr).await?;
+//!
+//! let mut listener = transport.listen(&"tcp://127.0.0.1:0".parse()?).await?;
+//! let mut link = transport.connect(&listener.local_addr()).await?;
+//! let mut accepted = listener.accept().await?;
+//! // Unauthenticated peers get tiny frames until the handshake is done.
+//! accepted.set_max_frame_len(courier_runtime::frame::HANDSHAKE_MAX_FRAME);
+//! link.send(Frame::new(&b"hello"[..])).await?;
+//! assert_eq!(&accepted.recv().await.unwrap()?.payload[..], b"hello");
 //! # Ok(()) }
 //! ```
 //!
@@ -58,6 +66,13 @@
 //!
 //! [`Frame`]: courier_runtime::transport::Frame
 //! [`LinkCaps`]: courier_runtime::transport::LinkCaps
+
+// With some transports compiled out, helpers shared by the stream
+// transports (framing, descriptor I/O) go partly unused.
+#![cfg_attr(
+    not(all(feature = "tcp", feature = "unix", feature = "fd")),
+    allow(dead_code, unused_imports)
+)]
 
 use std::fmt;
 

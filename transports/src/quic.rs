@@ -232,7 +232,10 @@ async fn resolve(host: &str, port: u16, op: &str) -> Result<SocketAddr, Transpor
         .ok_or_else(|| {
             TransportError::io(
                 op,
-                io::Error::new(io::ErrorKind::NotFound, "the host name resolved to no address"),
+                io::Error::new(
+                    io::ErrorKind::NotFound,
+                    "the host name resolved to no address",
+                ),
             )
         })
 }
@@ -575,7 +578,11 @@ impl Link for QuicLink {
                 max: self.max_now,
             });
         }
-        let priority = if len <= crate::stream::COALESCE_MAX { 1 } else { 0 };
+        let priority = if len <= crate::stream::COALESCE_MAX {
+            1
+        } else {
+            0
+        };
         let fut = send_stream(
             self.conn.clone(),
             Bytes::from_static(&FRAME_HEAD),
@@ -745,7 +752,8 @@ impl Drop for QuicLink {
         }
         let end_sent = matches!(self.send, SendState::Closing | SendState::Closed);
         if !end_sent {
-            self.conn.close(VarInt::from_u32(CLOSE_DROPPED), b"link dropped");
+            self.conn
+                .close(VarInt::from_u32(CLOSE_DROPPED), b"link dropped");
             return;
         }
         if self.got_end_ack {
@@ -936,7 +944,9 @@ async fn read_stream(
         b.freeze()
     };
     match body.first().copied() {
-        None => Err(TransportError::Framing("the peer sent an empty stream".into())),
+        None => Err(TransportError::Framing(
+            "the peer sent an empty stream".into(),
+        )),
         Some(KIND_FRAME) => Ok(Incoming::Frame(body.slice(1..))),
         Some(KIND_END) if body.len() == 9 => {
             let mut n = [0u8; 8];
@@ -1011,6 +1021,9 @@ fn write_error(e: WriteError, peer: &str) -> TransportError {
                 format!("the peer stopped a stream (code {code})"),
             ),
         ),
-        other => TransportError::io(format!("send to {peer}"), io::Error::other(other.to_string())),
+        other => TransportError::io(
+            format!("send to {peer}"),
+            io::Error::other(other.to_string()),
+        ),
     }
 }

@@ -1,6 +1,6 @@
 //! The framed-stream link shared by TCP, Unix and fd links.
 //!
-//! A [`StreamLink`] turns a byte stream into a [`Link`]: reads go through
+//! The stream link turns a byte stream into a [`Link`]: reads go through
 //! runtime's [`FrameDecoder`], writes are queued and sent in batches.
 //!
 //! # Wire format
@@ -135,7 +135,11 @@ pub(crate) struct PlainStream<S> {
 }
 
 impl<S> PlainStream<S> {
-    pub(crate) fn new(io: S, scheme: &'static str, adopted: Option<crate::sys::AdoptGuard>) -> Self {
+    pub(crate) fn new(
+        io: S,
+        scheme: &'static str,
+        adopted: Option<crate::sys::AdoptGuard>,
+    ) -> Self {
         Self {
             io,
             scheme,
@@ -277,8 +281,11 @@ impl<S: RawStream> StreamLink<S> {
                 slices[count] = IoSlice::new(&chunk.data);
                 count += 1;
             }
-            let first_fds: Vec<BorrowedFd<'_>> =
-                self.outbox.chunks[0].fds.iter().map(|f| f.as_fd()).collect();
+            let first_fds: Vec<BorrowedFd<'_>> = self.outbox.chunks[0]
+                .fds
+                .iter()
+                .map(|f| f.as_fd())
+                .collect();
             let res = ready!(self.io.poll_write_some(cx, &slices[..count], &first_fds));
             drop(first_fds);
             match res {
@@ -509,7 +516,9 @@ impl<S: RawStream> Link for StreamLink<S> {
                     let start = self.received;
                     self.received += n as u64;
                     if !fds.is_empty() {
-                        if let Err(e) = self.inbox.add(start, self.received, std::mem::take(&mut fds))
+                        if let Err(e) =
+                            self.inbox
+                                .add(start, self.received, std::mem::take(&mut fds))
                         {
                             self.finish_reading();
                             return Poll::Ready(Some(Err(e)));

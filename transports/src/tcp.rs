@@ -60,12 +60,7 @@ impl Transport for TcpTransport {
             };
             let stream = match tokio::time::timeout(cfg.connect_timeout, attempt).await {
                 Ok(r) => r?,
-                Err(_) => {
-                    return Err(TransportError::io(
-                        op,
-                        std::io::ErrorKind::TimedOut.into(),
-                    ))
-                }
+                Err(_) => return Err(TransportError::io(op, std::io::ErrorKind::TimedOut.into())),
             };
             Ok(Box::new(tcp_link(stream, None, &cfg)?) as Box<dyn Link>)
         })
@@ -178,9 +173,10 @@ impl Listener for TcpLinkListener {
     fn poll_accept(&mut self, cx: &mut Context<'_>) -> Poll<Result<Box<dyn Link>, TransportError>> {
         match self.listener.poll_accept(cx) {
             Poll::Pending => Poll::Pending,
-            Poll::Ready(Err(e)) => {
-                Poll::Ready(Err(TransportError::io(format!("accept on {}", self.local), e)))
-            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(TransportError::io(
+                format!("accept on {}", self.local),
+                e,
+            ))),
             Poll::Ready(Ok((stream, _))) => {
                 Poll::Ready(tcp_link(stream, None, &self.cfg).map(|l| Box::new(l) as Box<dyn Link>))
             }

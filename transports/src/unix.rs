@@ -57,12 +57,11 @@ impl Transport for UnixTransport {
         Box::pin(async move {
             let path = unix_path(&to)?;
             let op = format!("connect to {to}");
-            let stream = match tokio::time::timeout(cfg.connect_timeout, UnixStream::connect(&path))
-                .await
-            {
-                Ok(r) => r.map_err(|e| TransportError::io(op, e))?,
-                Err(_) => return Err(TransportError::io(op, io::ErrorKind::TimedOut.into())),
-            };
+            let stream =
+                match tokio::time::timeout(cfg.connect_timeout, UnixStream::connect(&path)).await {
+                    Ok(r) => r.map_err(|e| TransportError::io(op, e))?,
+                    Err(_) => return Err(TransportError::io(op, io::ErrorKind::TimedOut.into())),
+                };
             let peer = describe_peer(&stream, &to.to_string());
             Ok(Box::new(unix_link(stream, "unix", peer, None, &cfg)) as Box<dyn Link>)
         })
@@ -215,9 +214,10 @@ impl Listener for UnixLinkListener {
     fn poll_accept(&mut self, cx: &mut Context<'_>) -> Poll<Result<Box<dyn Link>, TransportError>> {
         match self.listener.poll_accept(cx) {
             Poll::Pending => Poll::Pending,
-            Poll::Ready(Err(e)) => {
-                Poll::Ready(Err(TransportError::io(format!("accept on {}", self.local), e)))
-            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(TransportError::io(
+                format!("accept on {}", self.local),
+                e,
+            ))),
             Poll::Ready(Ok((stream, _))) => {
                 let peer = describe_peer(&stream, &format!("{} (accepted)", self.local));
                 let link = unix_link(stream, "unix", peer, None, &self.cfg);

@@ -15,7 +15,9 @@ use common::*;
 use courier_runtime::transport::{Frame, Link, TransportError};
 use courier_transports::fd::{link_from_fd, socketpair};
 use courier_transports::{LinkExt, StreamConfig};
-use rustix::net::{AddressFamily, SendAncillaryBuffer, SendAncillaryMessage, SendFlags, SocketFlags, SocketType};
+use rustix::net::{
+    AddressFamily, SendAncillaryBuffer, SendAncillaryMessage, SendFlags, SocketFlags, SocketType,
+};
 
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
@@ -118,12 +120,19 @@ fn raw_and_link() -> (OwnedFd, Box<dyn Link>) {
 /// Sends `data` with `fds` attached, as one `sendmsg`.
 fn raw_send(sock: &OwnedFd, data: &[u8], fds: &[OwnedFd]) {
     let borrowed: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
-    let mut space = vec![MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(fds.len().max(1)))];
+    let mut space =
+        vec![MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(fds.len().max(1)))];
     let mut control = SendAncillaryBuffer::new(&mut space);
     if !borrowed.is_empty() {
         assert!(control.push(SendAncillaryMessage::ScmRights(&borrowed)));
     }
-    let n = rustix::net::sendmsg(sock, &[IoSlice::new(data)], &mut control, SendFlags::NOSIGNAL).unwrap();
+    let n = rustix::net::sendmsg(
+        sock,
+        &[IoSlice::new(data)],
+        &mut control,
+        SendFlags::NOSIGNAL,
+    )
+    .unwrap();
     assert_eq!(n, data.len());
 }
 
@@ -187,7 +196,10 @@ fn descriptors_no_frame_claims_are_refused() {
         raw_send(&raw, &wire_frame(0, b"only"), &fds);
         drop(fds);
         drop(raw);
-        assert!(matches!(within(STEP, "recv", link.recv()).await, Some(Ok(_))));
+        assert!(matches!(
+            within(STEP, "recv", link.recv()).await,
+            Some(Ok(_))
+        ));
         assert!(matches!(
             within(STEP, "recv", link.recv()).await,
             Some(Err(TransportError::Framing(_)))
@@ -234,7 +246,11 @@ fn descriptors_stay_with_their_frames_in_batches() {
         let mut frames = Vec::new();
         for i in 0..200u32 {
             let nfds = (i % 4) as usize; // 0..=3 descriptors
-            let len = if i % 17 == 0 { 300_000 } else { (i as usize * 31) % 2000 };
+            let len = if i % 17 == 0 {
+                300_000
+            } else {
+                (i as usize * 31) % 2000
+            };
             let mut fds = Vec::new();
             for _ in 0..nfds {
                 let (r, w) = pipe();

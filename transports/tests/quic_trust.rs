@@ -36,16 +36,26 @@ async fn pinned_peers_connect_and_share_the_channel_binding() {
             tokio::join!(client.connect(&addr), l.accept())
         })
         .await;
-        let (mut c, mut s) = (c.expect("pinned server accepted"), s.expect("pinned client accepted"));
+        let (mut c, mut s) = (
+            c.expect("pinned server accepted"),
+            s.expect("pinned client accepted"),
+        );
         let caps = c.caps();
         assert!(caps.encrypted && caps.multiplexed && !caps.carries_fds);
         let cb = c.channel_binding().expect("client binding");
-        assert_eq!(Some(cb), s.channel_binding(), "both ends export the same material");
+        assert_eq!(
+            Some(cb),
+            s.channel_binding(),
+            "both ends export the same material"
+        );
         bindings.push(cb);
         c.send(Frame::new(payload(round, 1000))).await.unwrap();
         assert_eq!(recv_frame(s.as_mut()).await.payload, payload(round, 1000));
         s.send(Frame::new(payload(round + 10, 10))).await.unwrap();
-        assert_eq!(recv_frame(c.as_mut()).await.payload, payload(round + 10, 10));
+        assert_eq!(
+            recv_frame(c.as_mut()).await.payload,
+            payload(round + 10, 10)
+        );
     }
     assert_ne!(bindings[0], bindings[1], "each session has its own binding");
 }
@@ -106,7 +116,11 @@ async fn a_client_whose_certificate_is_not_pinned_is_refused() {
 }
 
 /// A CA and two leaf certificates for 127.0.0.1 it signed.
-fn ca_and_leaves() -> (rustls::pki_types::CertificateDer<'static>, Identity, Identity) {
+fn ca_and_leaves() -> (
+    rustls::pki_types::CertificateDer<'static>,
+    Identity,
+    Identity,
+) {
     use rcgen::{
         BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
         KeyPair, KeyUsagePurpose,
@@ -114,7 +128,8 @@ fn ca_and_leaves() -> (rustls::pki_types::CertificateDer<'static>, Identity, Ide
     let ca_key = KeyPair::generate().unwrap();
     let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
     ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.distinguished_name.push(DnType::CommonName, "courier test ca");
+    ca.distinguished_name
+        .push(DnType::CommonName, "courier test ca");
     ca.key_usages = vec![
         KeyUsagePurpose::KeyCertSign,
         KeyUsagePurpose::DigitalSignature,
@@ -182,7 +197,11 @@ fn an_identity_persists_in_its_directory() {
     let tls = dir.path().join("node/tls");
     let a = Identity::load_or_generate(&tls, "node-a").unwrap();
     let b = Identity::load_or_generate(&tls, "node-a").unwrap();
-    assert_eq!(a.fingerprint(), b.fingerprint(), "the same identity after a restart");
+    assert_eq!(
+        a.fingerprint(),
+        b.fingerprint(),
+        "the same identity after a restart"
+    );
     let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode(&tls.join("key.pem")), 0o600);
     assert_eq!(mode(&tls), 0o700);

@@ -54,7 +54,11 @@ async fn both_directions(h: Harness) {
     let make = |base: u32| -> Vec<Frame> {
         (0..60u32)
             .map(|i| {
-                let len = if i % 10 == 0 { MIB } else { (i as usize * 97) % 5000 };
+                let len = if i % 10 == 0 {
+                    MIB
+                } else {
+                    (i as usize * 97) % 5000
+                };
                 Frame::new(payload(base + i, len))
             })
             .collect()
@@ -130,7 +134,11 @@ async fn clean_close(h: Harness) {
         let f = recv_frame(s.as_mut()).await;
         assert_eq!(f.payload, payload(i, 1000), "{}", h.name);
     }
-    assert!(within(STEP, "end", s.recv()).await.is_none(), "{}: expected the end", h.name);
+    assert!(
+        within(STEP, "end", s.recv()).await.is_none(),
+        "{}: expected the end",
+        h.name
+    );
     assert!(within(STEP, "end again", s.recv()).await.is_none());
     s.close().await.expect("server close after the peer's end");
 }
@@ -144,7 +152,11 @@ async fn abrupt_close(h: Harness) {
     drop(c);
     match within(STEP, "after drop", s.recv()).await {
         None | Some(Err(_)) => {}
-        Some(Ok(f)) => panic!("{}: a frame of {} bytes after the drop", h.name, f.payload.len()),
+        Some(Ok(f)) => panic!(
+            "{}: a frame of {} bytes after the drop",
+            h.name,
+            f.payload.len()
+        ),
     }
     // Sending to the dead peer fails or is discarded; it never hangs.
     let _ = within(STEP, "send after drop", async {
@@ -164,9 +176,15 @@ async fn oversized(h: Harness) {
     let (mut c, mut s) = h.pair().await;
     c.set_max_frame_len(1024);
     assert_eq!(c.caps().max_frame_len, 1024);
-    assert!(matches!(poll_once(|cx| c.poll_ready(cx)).await, Poll::Ready(Ok(()))));
+    assert!(matches!(
+        poll_once(|cx| c.poll_ready(cx)).await,
+        Poll::Ready(Ok(()))
+    ));
     match c.start_send(Frame::new(payload(0, 1025))) {
-        Err(TransportError::TooLarge { len: 1025, max: 1024 }) => {}
+        Err(TransportError::TooLarge {
+            len: 1025,
+            max: 1024,
+        }) => {}
         other => panic!("{}: expected TooLarge, got {other:?}", h.name),
     }
     // Nothing was queued: the next frame is the first to arrive.
@@ -216,7 +234,8 @@ async fn backpressure(h: Harness) {
     while sent * size < 256 * MIB {
         match poll_once(|cx| c.poll_ready(cx)).await {
             Poll::Ready(Ok(())) => {
-                c.start_send(Frame::new(payload(sent as u32, size))).unwrap();
+                c.start_send(Frame::new(payload(sent as u32, size)))
+                    .unwrap();
                 sent += 1;
                 pending_since = None;
                 let _ = poll_once(|cx| c.poll_flush(cx)).await;
@@ -237,7 +256,12 @@ async fn backpressure(h: Harness) {
         h.name,
         sent * size / MIB
     );
-    assert!(sent * size <= 64 * MIB, "{}: {} frames accepted", h.name, sent);
+    assert!(
+        sent * size <= 64 * MIB,
+        "{}: {} frames accepted",
+        h.name,
+        sent
+    );
     // Now read everything: nothing lost, nothing stuck.
     let receiver = async {
         let mut n = 0;
@@ -266,7 +290,10 @@ async fn descriptors(h: Harness) {
     if !h.carries_fds() {
         assert!(!c.caps().carries_fds);
         match c.start_send(frame) {
-            Err(TransportError::Cannot { what: "carry file descriptors", .. }) => {}
+            Err(TransportError::Cannot {
+                what: "carry file descriptors",
+                ..
+            }) => {}
             other => panic!("{}: expected Cannot, got {other:?}", h.name),
         }
         c.send(Frame::new(payload(6, 10))).await.unwrap();
@@ -284,7 +311,10 @@ async fn descriptors(h: Harness) {
     assert_eq!(read_fd(&r2, 3), b"two");
     for fd in &got.fds {
         let flags = rustix::io::fcntl_getfd(fd).unwrap();
-        assert!(flags.contains(rustix::io::FdFlags::CLOEXEC), "received fds are close-on-exec");
+        assert!(
+            flags.contains(rustix::io::FdFlags::CLOEXEC),
+            "received fds are close-on-exec"
+        );
     }
     // A frame with too many descriptors is refused whole.
     let many: Vec<_> = (0..65).map(|_| pipe().1).collect();

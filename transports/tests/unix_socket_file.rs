@@ -27,7 +27,10 @@ async fn socket_file_is_owner_only() {
     assert_eq!(meta.permissions().mode() & 0o777, 0o600);
     assert_eq!(l.local_addr(), addr(&path));
     drop(l);
-    assert!(!path.exists(), "the socket file is removed with its listener");
+    assert!(
+        !path.exists(),
+        "the socket file is removed with its listener"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -38,7 +41,10 @@ async fn stale_socket_file_is_replaced() {
     drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
     assert!(path.exists());
     let t = UnixTransport::default();
-    let mut l = t.listen(&addr(&path)).await.expect("a stale file is replaced");
+    let mut l = t
+        .listen(&addr(&path))
+        .await
+        .expect("a stale file is replaced");
     let (c, s) = tokio::join!(t.connect(&addr(&path)), l.accept());
     let (mut c, mut s) = (c.unwrap(), s.unwrap());
     c.send(Frame::new(&b"hello"[..])).await.unwrap();
@@ -88,7 +94,10 @@ async fn errors_name_the_address() {
         .connect(&"unix:///nonexistent/dir/x.sock".parse().unwrap())
         .await
         .unwrap_err();
-    assert!(err.to_string().contains("unix:///nonexistent/dir/x.sock"), "{err}");
+    assert!(
+        err.to_string().contains("unix:///nonexistent/dir/x.sock"),
+        "{err}"
+    );
     let err = t
         .connect(&"tcp://127.0.0.1:1".parse().unwrap())
         .await

@@ -236,8 +236,8 @@ impl PeerTrust {
     /// Accepts peers whose chains verify against the CA certificates in a
     /// PEM file.
     pub fn ca_pem_file(path: &Path) -> Result<Self, TransportError> {
-        let pem =
-            fs::read(path).map_err(|e| TransportError::io(format!("read {}", path.display()), e))?;
+        let pem = fs::read(path)
+            .map_err(|e| TransportError::io(format!("read {}", path.display()), e))?;
         let roots = CertificateDer::pem_slice_iter(&pem)
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| TransportError::Tls(format!("bad CA PEM in {}: {e}", path.display())))?;
@@ -332,7 +332,11 @@ impl fmt::Debug for NotTrusted {
 
 impl fmt::Display for NotTrusted {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "the peer's certificate (sha256 {}) is not pinned", self.0)
+        write!(
+            f,
+            "the peer's certificate (sha256 {}) is not pinned",
+            self.0
+        )
     }
 }
 
@@ -356,9 +360,13 @@ impl ServerCertVerifier for PeerVerifier {
         match self.pinned(end_entity) {
             Ok(_) => Ok(ServerCertVerified::assertion()),
             Err(fp) => match &self.server_ca {
-                Some(ca) => {
-                    ca.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
-                }
+                Some(ca) => ca.verify_server_cert(
+                    end_entity,
+                    intermediates,
+                    server_name,
+                    ocsp_response,
+                    now,
+                ),
                 None => Err(not_trusted(fp)),
             },
         }

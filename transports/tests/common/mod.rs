@@ -76,7 +76,10 @@ impl Harness {
         let mut cfg = QuicConfig::new(id, trust);
         cfg.handshake_timeout = Duration::from_secs(5);
         cfg.linger = Duration::from_secs(5);
-        let t = AnyTransport::builder().quic(cfg).build().expect("quic transport");
+        let t = AnyTransport::builder()
+            .quic(cfg)
+            .build()
+            .expect("quic transport");
         Self::new("quic", Kind::Quic, t)
     }
 
@@ -121,10 +124,11 @@ impl Harness {
                 panic!("fd listener reported {to}")
             };
             let path = path.clone();
-            let s = tokio::task::spawn_blocking(move || std::os::unix::net::UnixStream::connect(path))
-                .await
-                .unwrap()
-                .map_err(|e| TransportError::io("connect", e))?;
+            let s =
+                tokio::task::spawn_blocking(move || std::os::unix::net::UnixStream::connect(path))
+                    .await
+                    .unwrap()
+                    .map_err(|e| TransportError::io("connect", e))?;
             let n = std::os::fd::IntoRawFd::into_raw_fd(OwnedFd::from(s));
             return self.transport.connect(&Address::Fd { fd: Some(n) }).await;
         }
