@@ -74,7 +74,9 @@ pub struct LinkCaps {
     /// Most descriptors in one frame.
     pub max_fds_per_frame: usize,
     /// Frames travel on independent streams: a large one does not hold up
-    /// small ones behind it.
+    /// small ones behind it, and so frames may be delivered in a different
+    /// order than they were sent (QUIC). When false, frames arrive in the
+    /// order sent.
     pub multiplexed: bool,
     /// The link is encrypted and integrity-protected below Courier (TLS).
     pub encrypted: bool,
