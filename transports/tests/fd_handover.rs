@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::*;
-use courier_runtime::transport::{Address, Frame, Transport};
+use courier_runtime::transport::{Address, Frame, Transport, TransportError};
 use courier_transports::fd::{self, FdTransport};
 use courier_transports::tcp::TcpTransport;
 use courier_transports::unix::UnixTransport;
@@ -107,28 +107,41 @@ async fn a_child_dying_ends_the_link() {
 async fn socket_activation_passes_a_listener() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("activated.sock");
-    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
-    let mut cmd = Command::new("sh");
-    cmd.stderr(Stdio::piped());
-    let inherited = fd::inherit(&mut cmd, OwnedFd::from(listener));
-    let Address::Fd { fd: Some(n) } = inherited else {
-        unreachable!()
+    // The child binds descriptor 3 and re-executes itself with LISTEN_PID
+    // set to its own (unchanged) process id, as a service manager would.
+    let child = Command::new(CHILD)
+        .arg("activate")
+        .arg(&path)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let to = Address::Unix { path: path.clone() };
+    let connected = within(STEP, "connect", async {
+        loop {
+            match UnixTransport::default().connect(&to).await {
+                Ok(l) => break Ok(l),
+                // Not bound yet, or bound and not yet listening.
+                Err(TransportError::Io { source, .. })
+                    if source.kind() == std::io::ErrorKind::NotFound
+                        || source.kind() == std::io::ErrorKind::ConnectionRefused =>
+                {
+                    tokio::time::sleep(Duration::from_millis(20)).await
+                }
+                Err(e) => break Err(e),
+            }
+        }
+    })
+    .await;
+    let mut link = match connected {
+        Ok(l) => l,
+        Err(e) => {
+            let out = wait(child).await;
+            panic!(
+                "connect: {e}; child: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
     };
-    // As a service manager would: descriptor 3, our pid in LISTEN_PID.
-    cmd.arg("-c")
-        .arg(format!(
-            "LISTEN_PID=$$ LISTEN_FDS=1 exec \"$0\" listen fd://listen 3<&{n} {n}<&-"
-        ))
-        .arg(CHILD);
-    let child = cmd.spawn().unwrap();
-    drop(cmd);
-    let mut link = within(
-        STEP,
-        "connect",
-        UnixTransport::default().connect(&Address::Unix { path: path.clone() }),
-    )
-    .await
-    .unwrap();
     link.send(Frame::new(&b"activated"[..])).await.unwrap();
     assert_eq!(
         &recv_frame(link.as_mut()).await.payload[..],
