@@ -263,7 +263,12 @@ impl NodeShared {
     pub(crate) fn conn_closed(&self, h: &ConnHandle) {
         self.peers_lost.fetch_add(1, Ordering::Relaxed);
         let peer = h.peer_node();
-        let reason = h.lost().to_string();
+        let reason =
+            h.0.close_reason
+                .lock()
+                .expect("not poisoned")
+                .clone()
+                .unwrap_or_else(|| "the connection closed".into());
         let mut freed = Vec::new();
         let mut dead_inners = Vec::new();
         let (actor_monitors, node_monitors) = {
