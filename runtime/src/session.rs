@@ -170,6 +170,10 @@ enum State {
 
 struct Open {
     peer: PeerInfo,
+    /// The peer said goodbye; the session ends when the link does, so that
+    /// frames sent before the goodbye but delivered after it (multiplexed
+    /// links do not keep order) are still taken.
+    goodbye: Option<String>,
     mac: Option<FrameMac>,
     liveness: Liveness,
     next_request: u64,
@@ -261,6 +265,11 @@ impl Session {
             State::Open(o) => Some(&o.peer),
             _ => None,
         }
+    }
+
+    /// Whether the peer said goodbye (the session closes when the link ends).
+    pub fn peer_said_goodbye(&self) -> bool {
+        matches!(&self.state, State::Open(o) if o.goodbye.is_some())
     }
 
     /// Whether application frames may flow.
@@ -364,7 +373,10 @@ impl Session {
     pub fn handle_link_lost(&mut self, why: impl Into<String>) {
         match self.state {
             State::Closed => {}
-            State::Open(_) => self.close_with(CloseReason::LinkLost(why.into())),
+            State::Open(ref mut o) => match o.goodbye.take() {
+                Some(bye) => self.close_with(CloseReason::PeerGoodbye(bye)),
+                None => self.close_with(CloseReason::LinkLost(why.into())),
+            },
             _ => self.fail_handshake(HandshakeError::Closed),
         }
     }
@@ -423,7 +435,11 @@ impl Session {
                 match result {
                     Ok(Some(ev)) => self.events.push_back(ev),
                     Ok(None) => {}
-                    Err(Incoming::Goodbye(why)) => self.close_with(CloseReason::PeerGoodbye(why)),
+                    Err(Incoming::Goodbye(why)) => {
+                        if let State::Open(o) = &mut self.state {
+                            o.goodbye.get_or_insert(why);
+                        }
+                    }
                     Err(Incoming::Late) => self.stats.late_replies += 1,
                     Err(Incoming::Broken(e)) => {
                         // Tell the peer before going: it helps debugging.
@@ -478,6 +494,12 @@ impl Session {
         let max_frame = self.config.max_frame;
         let max_pending = self.config.max_pending_calls;
         let o = self.open_mut()?;
+        if let Some(bye) = &o.goodbye {
+            return Err(RemoteError::ConnectionLost {
+                peer: o.peer.node,
+                reason: format!("the peer said goodbye ({bye})"),
+            });
+        }
         if target.node != o.peer.node {
             return Err(RemoteError::Protocol {
                 peer: o.peer.node.to_string(),
@@ -676,6 +698,7 @@ impl Session {
         self.events.push_back(Event::Established(est.peer.clone()));
         self.state = State::Open(Box::new(Open {
             peer: est.peer,
+            goodbye: None,
             mac,
             liveness: Liveness::new(self.config.liveness, now),
             next_request: 0,

@@ -158,6 +158,10 @@ fn closing_fails_pending_calls_on_both_ends() {
     p.drive();
     p.b.close(p.now, "shutting down");
     p.drive();
+    // The goodbye is noted; the session ends with the link.
+    assert!(p.a.peer_said_goodbye() && !p.a.is_closed());
+    p.a.handle_link_lost("end of stream");
+    p.drive();
     assert_eq!(
         p.events_a.last(),
         Some(&Event::Closed {
