@@ -59,6 +59,9 @@
 pub mod codec;
 pub mod error;
 pub mod frame;
+#[cfg(any(test, feature = "__fuzzing"))]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod handshake;
 pub mod id;
 pub mod liveness;

@@ -558,6 +558,14 @@ impl Envelope {
             kind::CALL | kind::CAST => {
                 let call = decode_call(frame)?;
                 if k == kind::CALL {
+                    // A call's request id is what its reply names; 0 is the
+                    // cast's. (Found by the envelope fuzz target: a CALL with
+                    // id 0 decoded, then re-encoded as a CAST.)
+                    if call.header.request == 0 {
+                        return Err(DecodeError::Invalid {
+                            what: "call request id",
+                        });
+                    }
                     Ok(Self::Call(call))
                 } else if call.header.request != 0 {
                     Err(DecodeError::Invalid {
@@ -1018,6 +1026,28 @@ mod tests {
         assert_eq!(
             Envelope::decode(&out.freeze()),
             Err(DecodeError::Truncated { what: "references" })
+        );
+    }
+
+    /// Fuzz regression (envelope target): a CALL carrying request id 0
+    /// was taken as a call, though id 0 means a cast (no reply expected).
+    #[test]
+    fn a_call_with_request_id_zero_is_refused() {
+        let mut out = BytesMut::new();
+        let header = CallHeader {
+            request: 0,
+            incarnation: Incarnation(1),
+            target: LocalId::ROOT,
+            fds: 0,
+        };
+        encode_call(&mut out, &header, "x.y", &[], b"\x01");
+        assert_eq!(out[0], kind::CAST);
+        out[0] = kind::CALL;
+        assert_eq!(
+            Envelope::decode(&out.freeze()),
+            Err(DecodeError::Invalid {
+                what: "call request id"
+            })
         );
     }
 

@@ -1,0 +1,5 @@
+//! Fuzz target `frame`: see `courier_runtime::fuzzing::frames` for what it drives
+//! and which invariants it checks.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| courier_runtime::fuzzing::frames(data));

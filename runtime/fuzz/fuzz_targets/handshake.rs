@@ -1,0 +1,5 @@
+//! Fuzz target `handshake`: see `courier_runtime::fuzzing::session` for what it drives
+//! and which invariants it checks.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| courier_runtime::fuzzing::session(data));
