@@ -136,6 +136,35 @@ impl ConnHandle {
     }
 }
 
+/// Lets the node end an inbound handshake from outside its driver, to make
+/// room when too many connections are in the handshake at once.
+#[derive(Default)]
+pub(crate) struct Eviction {
+    evicted: AtomicBool,
+    /// The handshake ended (either way): nothing left to evict.
+    done: AtomicBool,
+    waker: Mutex<Option<std::task::Waker>>,
+}
+
+impl Eviction {
+    /// Whether the handshake is still running.
+    pub fn is_live(&self) -> bool {
+        !self.done.load(Ordering::Acquire) && !self.evicted.load(Ordering::Acquire)
+    }
+
+    /// Asks the driver to drop the handshake; `false` if it already ended.
+    pub fn evict(&self) -> bool {
+        if !self.is_live() {
+            return false;
+        }
+        self.evicted.store(true, Ordering::Release);
+        if let Some(w) = self.waker.lock().expect("not poisoned").take() {
+            w.wake();
+        }
+        true
+    }
+}
+
 /// Frames waiting in front of the link before commands stop being taken.
 const OUTQ_MAX: usize = 256;
 /// Commands taken per pass, frames read per pass: fairness between sources.
@@ -164,6 +193,8 @@ pub(crate) struct Driver {
     link_done: bool,
     remote: String,
     max_inflight: usize,
+    /// Set for inbound links while their handshake runs.
+    pub(crate) eviction: Option<Arc<Eviction>>,
 }
 
 fn now() -> Instant {
@@ -223,7 +254,29 @@ impl Driver {
             link_done: false,
             remote,
             max_inflight,
+            eviction: None,
         })
+    }
+
+    /// Drops the handshake if the node evicted it; otherwise remembers who
+    /// to wake. Forgets the eviction handle once the handshake is over.
+    fn check_eviction(&mut self, cx: &mut Context<'_>) {
+        let Some(ev) = &self.eviction else { return };
+        if self.session.is_established() || self.session.is_closed() {
+            ev.done.store(true, Ordering::Release);
+            self.eviction = None;
+            return;
+        }
+        if ev.evicted.load(Ordering::Acquire) {
+            debug!(remote = %self.remote, "handshake evicted: too many connections in the handshake");
+            self.eviction = None;
+            self.session.evict();
+            while let Some(ev) = self.session.poll_event() {
+                self.on_event(ev, &mut None);
+            }
+            return;
+        }
+        *ev.waker.lock().expect("not poisoned") = Some(cx.waker().clone());
     }
 
     fn pump_session(&mut self) {
@@ -340,6 +393,9 @@ impl Driver {
     fn on_event(&mut self, ev: Event, fds: &mut Option<Vec<OwnedFd>>) {
         match ev {
             Event::Established(peer) => {
+                if let Some(e) = self.eviction.take() {
+                    e.done.store(true, Ordering::Release);
+                }
                 let caps = self.link.caps();
                 self.link.set_max_frame_len(self.session.max_frame_len());
                 let reach = self
@@ -429,6 +485,9 @@ impl Driver {
     }
 
     fn on_closed(&mut self, reason: CloseReason, _pending: Vec<u64>) {
+        if let Some(e) = self.eviction.take() {
+            e.done.store(true, Ordering::Release);
+        }
         let text = reason.to_string();
         self.closing_since = Some(now());
         match &self.handle {
@@ -530,6 +589,7 @@ impl Future for Driver {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let this = &mut *self;
+        this.check_eviction(cx);
         for _round in 0..32 {
             let mut progress = false;
 

@@ -1,7 +1,7 @@
 //! The node: identity, listeners, connections, export table, registry, and
 //! the supervisor actor that keeps them.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::poll_fn;
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -23,7 +23,7 @@ use serde::{Serialize, Serializer};
 use tokio::sync::oneshot;
 use tracing::{debug, info, warn};
 
-use crate::conn::{Command, ConnHandle, Driver, ReplyIn};
+use crate::conn::{Command, ConnHandle, Driver, Eviction, ReplyIn};
 use crate::export::{
     install_panic_hook, Caller, Export, ExportEntry, ExportedAny, Inbound, InflightGuard, ReplySink,
 };
@@ -44,7 +44,9 @@ pub struct Limits {
     /// Inbound calls being handled at once per connection; past it the
     /// node stops reading from that peer (backpressure).
     pub max_inbound_in_flight: usize,
-    /// Inbound connections still in the handshake.
+    /// Inbound connections still in the handshake. Past it, each new one
+    /// evicts the oldest (refused as busy), so clients that never finish
+    /// the handshake cannot keep honest peers out.
     pub max_handshaking: usize,
     /// How long connecting (transport plus handshake) may take.
     pub connect_timeout: Duration,
@@ -174,6 +176,8 @@ pub(crate) struct NodeShared {
     listen: Mutex<Vec<Address>>,
     conn_ids: AtomicU64,
     handshaking: AtomicUsize,
+    /// Inbound handshakes in progress, oldest first (for eviction).
+    inbound_handshakes: Mutex<VecDeque<Weak<Eviction>>>,
     supervisor: OnceLock<Addr<Supervisor>>,
     flush_scheduled: AtomicBool,
     calls_in: AtomicU64,
@@ -224,9 +228,21 @@ impl NodeShared {
         scheme: &'static str,
         dial: Option<String>,
     ) -> oneshot::Receiver<Result<ConnHandle, RemoteError>> {
+        self.spawn_driver_evictable(link, role, scheme, dial, None)
+    }
+
+    fn spawn_driver_evictable(
+        self: &Arc<Self>,
+        link: Box<dyn Link>,
+        role: Role,
+        scheme: &'static str,
+        dial: Option<String>,
+        eviction: Option<Arc<Eviction>>,
+    ) -> oneshot::Receiver<Result<ConnHandle, RemoteError>> {
         let (tx, rx) = oneshot::channel();
         match Driver::new(self.clone(), link, role, scheme, dial, Some(tx)) {
-            Ok(d) => {
+            Ok(mut d) => {
+                d.eviction = eviction;
                 actix::spawn(d);
             }
             Err(_) => {
@@ -896,13 +912,37 @@ impl NodeShared {
             match r {
                 Ok(link) => {
                     let n = self.handshaking.fetch_add(1, Ordering::AcqRel);
-                    if n >= self.limits.max_handshaking {
-                        self.handshake_ended();
-                        warn!(remote = %link.peer_addr(), "too many connections in the handshake; refused");
-                        drop(link);
-                        continue;
+                    let eviction = Arc::new(Eviction::default());
+                    {
+                        // Full: the oldest inbound handshake makes room. An
+                        // honest peer finishes in a few round trips, so a
+                        // flood of clients that never finish cannot keep it
+                        // out; refusing the newest instead would let them.
+                        let mut queue = self.inbound_handshakes.lock().expect("not poisoned");
+                        queue.retain(|w| w.upgrade().is_some_and(|e| e.is_live()));
+                        if n >= self.limits.max_handshaking {
+                            let evicted = std::iter::from_fn(|| queue.pop_front())
+                                .filter_map(|w| w.upgrade())
+                                .any(|e| e.evict());
+                            if !evicted {
+                                drop(queue);
+                                self.handshake_ended();
+                                warn!(remote = %link.peer_addr(), "too many connections in the handshake; refused");
+                                drop(link);
+                                continue;
+                            }
+                            warn!(remote = %link.peer_addr(),
+                                  "too many connections in the handshake; the oldest was dropped");
+                        }
+                        queue.push_back(Arc::downgrade(&eviction));
                     }
-                    drop(self.spawn_driver(link, Role::Acceptor, scheme, None));
+                    drop(self.spawn_driver_evictable(
+                        link,
+                        Role::Acceptor,
+                        scheme,
+                        None,
+                        Some(eviction),
+                    ));
                 }
                 Err(courier_runtime::transport::TransportError::Closed) => return,
                 Err(e) => {
@@ -1124,6 +1164,7 @@ impl NodeBuilder {
             listen: Mutex::new(Vec::new()),
             conn_ids: AtomicU64::new(0),
             handshaking: AtomicUsize::new(0),
+            inbound_handshakes: Mutex::new(VecDeque::new()),
             supervisor: OnceLock::new(),
             flush_scheduled: AtomicBool::new(false),
             calls_in: AtomicU64::new(0),

@@ -219,6 +219,10 @@ pub enum HandshakeError {
     /// Our own configuration is unusable.
     #[error("bad handshake configuration: {0}")]
     Config(&'static str),
+    /// This node dropped the handshake to make room: too many connections
+    /// were in the handshake at once.
+    #[error("too many connections are in the handshake on this node; try again")]
+    Busy,
 }
 
 impl HandshakeError {
@@ -228,6 +232,7 @@ impl HandshakeError {
             Self::Version { .. } => RefusalCode::Version,
             Self::Authentication(_) => RefusalCode::Authentication,
             Self::SelfConnect => RefusalCode::SelfConnect,
+            Self::Busy => RefusalCode::Busy,
             Self::FrameTooLarge(_) | Self::Malformed(_) | Self::Unexpected { .. } => {
                 RefusalCode::Protocol
             }

@@ -381,6 +381,16 @@ impl Session {
         }
     }
 
+    /// Ends a handshake still in progress to make room for others (the
+    /// node is over its limit of connections in the handshake): the peer
+    /// is refused as busy and the session closes with
+    /// [`HandshakeError::Busy`]. No effect once established or closed.
+    pub fn evict(&mut self) {
+        if !matches!(self.state, State::Open(_) | State::Closed) {
+            self.fail_handshake(HandshakeError::Busy);
+        }
+    }
+
     /// Closes the session, telling the peer why (if authenticated).
     pub fn close(&mut self, now: Instant, why: &str) {
         if matches!(self.state, State::Open(_)) {

@@ -5,8 +5,11 @@ use std::os::fd::AsFd;
 use std::time::Duration;
 
 use actix::prelude::*;
-use courier::{Fd, Node, RemoteAddr};
+use courier::{Fd, Node, RemoteAddr, RemoteError};
 use serde::{Deserialize, Serialize};
+
+pub mod faults;
+pub mod raw;
 
 /// The cookie every test node uses (unless a test wants a wrong one).
 pub const COOKIE: &str = "courier test cookie, not secret";
@@ -421,4 +424,106 @@ impl Drop for TestNode {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Resident memory of this process (`VmRSS` in `/proc/self/status`), KiB.
+pub fn rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Descriptors this process has open (entries of `/proc/self/fd`).
+pub fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// Raises the soft limit on open descriptors to at least `want` (up to the
+/// hard limit); returns the soft limit now in force.
+pub fn raise_nofile(want: u64) -> u64 {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let lim = getrlimit(Resource::Nofile);
+    let current = lim.current.unwrap_or(u64::MAX);
+    if current >= want {
+        return current;
+    }
+    let target = lim.maximum.map_or(want, |m| m.min(want));
+    let _ = setrlimit(
+        Resource::Nofile,
+        Rlimit {
+            current: Some(target),
+            maximum: lim.maximum,
+        },
+    );
+    getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX)
+}
+
+/// What an honest peer checks while a node is under attack: it looks the
+/// counter up at `addr` and makes `n` calls, each of which must be
+/// answered.
+pub async fn honest_calls(client: &Node, addr: &str, n: u64) -> Result<(), RemoteError> {
+    let counter = client.lookup::<Counter>(addr, "counter").await?;
+    let mut last = 0;
+    for _ in 0..n {
+        let total = counter
+            .send(Add(1))
+            .timeout(Duration::from_secs(10))
+            .await?
+            .expect("adding one is never refused");
+        assert!(total > last, "the counter went backwards: {total} after {last}");
+        last = total;
+    }
+    Ok(())
+}
+
+/// Where a node under test listens for `scheme` (`tcp` or `unix`): a free
+/// loopback port, or a socket file in `dir`.
+pub fn listen_addr(scheme: &str, dir: &std::path::Path, name: &str) -> String {
+    match scheme {
+        "tcp" => "tcp://127.0.0.1:0".into(),
+        "unix" => format!("unix://{}/{name}.sock", dir.display()),
+        other => panic!("no listen address for {other}"),
+    }
+}
+
+/// A node for hostile-input tests: listens on `scheme`, exports a counter
+/// ("counter") and a room ("room"), has the given handshake deadline and
+/// limits, and heartbeats every 200 ms with a generous 5 s timeout (so a
+/// slow, shared machine never fakes a dead peer). Returns it and its
+/// address.
+pub async fn target_node(
+    scheme: &str,
+    dir: &std::path::Path,
+    handshake_timeout: Duration,
+    limits: courier::Limits,
+) -> (Node, String) {
+    let node = Node::builder()
+        .cookie(COOKIE)
+        .heartbeat(Duration::from_millis(200), Duration::from_secs(5))
+        .handshake_timeout(handshake_timeout)
+        .limits(limits)
+        .listen(listen_addr(scheme, dir, "target"))
+        .start()
+        .await
+        .expect("node starts");
+    export_counter(&node, "counter");
+    export_room(&node, "room");
+    let addr = node.local_addrs()[0].to_string();
+    (node, addr)
+}
+
+/// An honest client node (the test cookie, heartbeats every 200 ms with a
+/// 5 s timeout).
+pub async fn honest_node() -> Node {
+    Node::builder()
+        .cookie(COOKIE)
+        .heartbeat(Duration::from_millis(200), Duration::from_secs(5))
+        .start()
+        .await
+        .expect("node starts")
 }

@@ -366,3 +366,39 @@ fn short_keys_are_refused() {
         Err(HandshakeError::Config(_))
     ));
 }
+
+#[test]
+fn an_evicted_handshake_is_refused_as_busy_and_inert() {
+    let mut p = Pair::new(
+        config(1, key("a shared cookie!!")),
+        config(2, key("a shared cookie!!")),
+    );
+    // The hello reaches the acceptor; then the node needs the slot back.
+    let hello = p.a.poll_transmit().unwrap();
+    p.b.handle_frame(p.now, hello);
+    while p.b.poll_transmit().is_some() {}
+    p.b.evict();
+    let refusal = p.b.poll_transmit().expect("a refusal");
+    assert_eq!(
+        wire::Envelope::decode(&refusal).unwrap(),
+        Envelope::Refusal(RefusalCode::Busy, "busy".into())
+    );
+    let events: Vec<Event> = std::iter::from_fn(|| p.b.poll_event()).collect();
+    assert_eq!(handshake_error(&events), &HandshakeError::Busy);
+    let now = p.now;
+    assert_inert(&mut p.b, now);
+    // The initiator learns why.
+    p.a.handle_frame(p.now, refusal);
+    let events: Vec<Event> = std::iter::from_fn(|| p.a.poll_event()).collect();
+    assert!(matches!(
+        handshake_error(&events),
+        HandshakeError::Refused {
+            code: RefusalCode::Busy,
+            ..
+        }
+    ));
+    // Evicting an established session does nothing.
+    let mut q = Pair::connected("a shared cookie!!");
+    q.b.evict();
+    assert!(q.b.is_established());
+}

@@ -2,27 +2,59 @@
 //! ("counter"), a room ("room") and, as a worker, a member ("worker"), then
 //! prints `READY <address>` and runs until killed.
 //!
-//! Usage: `courier-test-node LISTEN_ADDR [--relay ROOM_ADDR]`, or as a
-//! worker with `COURIER_PARENT=fd://N` set.
+//! Usage: `courier-test-node LISTEN_ADDR [--relay ROOM_ADDR]
+//! [--node-id HEX32] [--heartbeat INTERVAL_MS TIMEOUT_MS]`, or as a worker
+//! with `COURIER_PARENT=fd://N` set. A fixed `--node-id` makes a restarted
+//! process the same node under a new incarnation.
 
 use std::io::Write;
+use std::time::Duration;
 
-use courier::Role;
+use courier::{NodeId, Role};
 use courier_tests::{export_counter, export_room, new_member, Members, COOKIE};
+
+fn parse_node_id(hex: &str) -> NodeId {
+    assert_eq!(hex.len(), 32, "--node-id takes 32 hex digits");
+    let mut b = [0u8; 16];
+    for (i, byte) in b.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).expect("hex digits");
+    }
+    NodeId(b)
+}
 
 #[actix::main]
 async fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let mut b = courier::Node::builder().cookie(COOKIE).heartbeat(
-        std::time::Duration::from_millis(200),
-        std::time::Duration::from_millis(600),
-    );
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut listen = None;
+    let mut relay = None;
+    let mut node_id = None;
+    let mut heartbeat = (Duration::from_millis(200), Duration::from_millis(600));
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut value = || it.next().expect("flag value").clone();
+        match a.as_str() {
+            "--relay" => relay = Some(value()),
+            "--node-id" => node_id = Some(parse_node_id(&value())),
+            "--heartbeat" => {
+                let i = value().parse().expect("interval ms");
+                let t = value().parse().expect("timeout ms");
+                heartbeat = (Duration::from_millis(i), Duration::from_millis(t));
+            }
+            other => listen = Some(other.to_owned()),
+        }
+    }
+    let mut b = courier::Node::builder()
+        .cookie(COOKIE)
+        .heartbeat(heartbeat.0, heartbeat.1);
+    if let Some(id) = node_id {
+        b = b.node_id(id);
+    }
     let worker = std::env::var(courier::WORKER_ENV).is_ok();
     if worker {
         let link = courier::worker_link_from_env().await.expect("parent link");
         b = b.link(link, Role::Initiator, "fd");
-    } else if let Some(l) = args.get(1) {
-        b = b.listen(l.clone());
+    } else if let Some(l) = listen {
+        b = b.listen(l);
     }
     let node = b.start().await.expect("node starts");
     export_counter(&node, "counter");
@@ -36,10 +68,9 @@ async fn main() {
         .expect("free");
     // `--relay ROOM_ADDR`: fetch the members of the room at ROOM_ADDR and
     // tell each something (a reference passed on to a third node).
-    if args.get(2).map(String::as_str) == Some("--relay") {
-        let room_addr = args.get(3).expect("room address");
+    if let Some(room_addr) = relay {
         let room = node
-            .lookup::<courier_tests::Room>(room_addr, "room")
+            .lookup::<courier_tests::Room>(&room_addr, "room")
             .await
             .expect("room");
         let members = room.send(Members).await.expect("members");
@@ -58,9 +89,5 @@ async fn main() {
     println!("READY {}", addrs.first().cloned().unwrap_or_default());
     std::io::stdout().flush().ok();
     // Run until killed.
-    futures_pending().await;
-}
-
-async fn futures_pending() {
     std::future::pending::<()>().await
 }
