@@ -490,6 +490,19 @@ impl Driver {
         }
         let text = reason.to_string();
         self.closing_since = Some(now());
+        // Frames not yet handed to the link go nowhere when the peer is
+        // dead or broke the protocol: their callers are told the
+        // connection was lost, so the calls must not be applied later
+        // (after a partition heals, say). Only the session's own goodbye,
+        // still in its queue, goes out on a protocol error.
+        match &reason {
+            CloseReason::HeartbeatTimeout { .. } => {
+                self.outq.clear();
+                while self.session.poll_transmit().is_some() {}
+            }
+            CloseReason::Protocol(_) => self.outq.clear(),
+            _ => {}
+        }
         match &self.handle {
             Some(h) => {
                 info!(peer = %h.peer_node(), reason = %text, "connection closed");

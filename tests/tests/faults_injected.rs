@@ -90,7 +90,7 @@ fn a_stall_longer_than_the_bound_fails_every_pending_call_within_it() {
             }
             let took = t.elapsed();
             assert!(took < BOUND + SLACK, "{scheme}: failed after {took:?}");
-            assert!(took >= BOUND - INTERVAL, "{scheme}: failed before the bound: {took:?}");
+            assert!(took >= BOUND - 3 * INTERVAL, "{scheme}: failed before the bound: {took:?}");
             let e = counter.send(Get).await.unwrap_err();
             assert!(matches!(e, RemoteError::DeadReference { .. }), "{scheme}: {e}");
             faults.heal();

@@ -139,7 +139,7 @@ async fn main() {
     let took = t.elapsed();
     assert!(took < TIMEOUT + SLACK, "pending calls failed only after {took:?}");
     assert!(
-        took >= TIMEOUT - INTERVAL,
+        took >= TIMEOUT - 3 * INTERVAL,
         "pending calls failed before the bound: {took:?}"
     );
     let e = counter.send(Get).await.unwrap_err();
