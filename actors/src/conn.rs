@@ -28,7 +28,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
 use crate::node::NodeShared;
-use crate::refctx::Resolved;
+use crate::refctx::{OutRef, Resolved};
 
 /// Commands a connection's driver takes from the rest of the node.
 pub(crate) enum Command {
@@ -37,6 +37,9 @@ pub(crate) enum Command {
         type_name: &'static str,
         payload: Vec<u8>,
         refs: Vec<WireRef>,
+        /// The references' handles, kept until the frame is written (see
+        /// [`Hold`]).
+        hold: Hold,
         fds: Vec<OwnedFd>,
         reply: oneshot::Sender<Result<ReplyIn, RemoteError>>,
     },
@@ -45,6 +48,7 @@ pub(crate) enum Command {
         type_name: &'static str,
         payload: Vec<u8>,
         refs: Vec<WireRef>,
+        hold: Hold,
         fds: Vec<OwnedFd>,
     },
     Reply {
@@ -52,6 +56,7 @@ pub(crate) enum Command {
         status: ReplyStatus,
         payload: Vec<u8>,
         refs: Vec<WireRef>,
+        hold: Hold,
         fds: Vec<OwnedFd>,
     },
     Release(Vec<ReleaseEntry>),
@@ -62,6 +67,15 @@ pub(crate) enum Command {
     InboundDone,
     Close(String),
 }
+
+/// The handles of the references a message carries, held until the
+/// driver has handed the message's frame to the session. Dropping the last
+/// handle to an imported actor queues a release to its owner; were the
+/// handles dropped when the message is queued, that release (sent on the
+/// control channel, which is never held back) could overtake the message
+/// carrying the reference back to its owner, and the owner would free the
+/// actor before the reference arrived. (Found by the three-node soak test.)
+pub(crate) type Hold = Vec<OutRef>;
 
 /// A reply as the caller receives it.
 pub(crate) struct ReplyIn {
@@ -293,6 +307,7 @@ impl Driver {
                 type_name,
                 payload,
                 refs,
+                hold,
                 fds,
                 reply,
             } => {
@@ -309,12 +324,14 @@ impl Driver {
                         let _ = reply.send(Err(e));
                     }
                 }
+                drop(hold);
             }
             Command::Cast {
                 target,
                 type_name,
                 payload,
                 refs,
+                hold,
                 fds,
             } => {
                 self.pump_session();
@@ -325,14 +342,17 @@ impl Driver {
                     Ok(()) => self.attach_fds(fds),
                     Err(e) => debug!(error = %e, "one-way message dropped"),
                 }
+                drop(hold);
             }
             Command::Reply {
                 request,
                 status,
                 payload,
                 refs,
+                hold,
                 fds,
             } => {
+                let _hold = hold;
                 self.pump_session();
                 let sent =
                     self.session

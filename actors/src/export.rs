@@ -87,12 +87,13 @@ impl ReplySink {
                         ),
                     )
                 } else {
-                    match self.node.account_out(&self.conn, enc.refs) {
+                    match self.node.account_out(&self.conn, &enc.refs) {
                         Ok(refs) => Command::Reply {
                             request: self.request,
                             status: ReplyStatus::Ok,
                             payload: enc.payload,
                             refs,
+                            hold: enc.refs,
                             fds: enc.fds,
                         },
                         Err(e) => self.status_command(ReplyStatus::Refused, &e.to_string()),
@@ -119,6 +120,7 @@ impl ReplySink {
             status: ReplyStatus::Failed,
             payload: courier_runtime::codec::encode(failure).unwrap_or_default(),
             refs: Vec::new(),
+            hold: Vec::new(),
             fds: Vec::new(),
         };
         let _ = self.conn.send(cmd).await;
@@ -130,6 +132,7 @@ impl ReplySink {
             status,
             payload: courier_runtime::codec::encode(text).unwrap_or_default(),
             refs: Vec::new(),
+            hold: Vec::new(),
             fds: Vec::new(),
         }
     }
@@ -145,6 +148,7 @@ impl Drop for ReplySink {
                 payload: courier_runtime::codec::encode("the actor stopped before answering")
                     .unwrap_or_default(),
                 refs: Vec::new(),
+                hold: Vec::new(),
                 fds: Vec::new(),
             });
         }

@@ -184,6 +184,9 @@ pub(crate) struct NodeShared {
     peers_lost: AtomicU64,
     handshakes_failed: AtomicU64,
     shut: AtomicBool,
+    /// Wakes the accept loops at shutdown, so they drop their listeners
+    /// (and the node they hold).
+    stop_accepting: tokio::sync::Notify,
 }
 
 impl NodeShared {
@@ -591,7 +594,7 @@ impl NodeShared {
     pub(crate) fn account_out(
         &self,
         conn: &ConnHandle,
-        refs: Vec<OutRef>,
+        refs: &[OutRef],
     ) -> Result<Vec<WireRef>, RemoteError> {
         if refs.is_empty() {
             return Ok(Vec::new());
@@ -602,7 +605,7 @@ impl NodeShared {
         let mut counted: Vec<LocalId> = Vec::new();
         let mut lent: Vec<u64> = Vec::new();
         let mut failure = None;
-        for r in &refs {
+        for r in refs {
             match r {
                 OutRef::Local(id) => {
                     match st.exports.note_sent(id.local, peer) {
@@ -669,7 +672,7 @@ impl NodeShared {
                     freed.push(v);
                 }
             }
-            for r in &refs {
+            for r in refs {
                 if let OutRef::Local(id) = r {
                     if let Some((_, v)) = st.exports.free_if_unheld(id.local) {
                         v.clear_id();
@@ -905,7 +908,19 @@ impl NodeShared {
     async fn accept_loop(self: Arc<Self>, mut listener: Box<dyn Listener>) {
         let scheme = listener.local_addr().scheme();
         loop {
-            let r = poll_fn(|cx| listener.poll_accept(cx)).await;
+            // Shutdown wakes this loop even when no one connects: otherwise
+            // the listener, and through it the whole node, would live on.
+            // (Found by the soak test: a descriptor per stopped node.)
+            let stop = self.stop_accepting.notified();
+            tokio::pin!(stop);
+            stop.as_mut().enable();
+            if self.shut.load(Ordering::Acquire) {
+                return;
+            }
+            let r = tokio::select! {
+                r = poll_fn(|cx| listener.poll_accept(cx)) => r,
+                _ = &mut stop => return,
+            };
             if self.shut.load(Ordering::Acquire) {
                 return;
             }
@@ -1171,6 +1186,7 @@ impl NodeBuilder {
             peers_lost: AtomicU64::new(0),
             handshakes_failed: AtomicU64::new(0),
             shut: AtomicBool::new(false),
+            stop_accepting: tokio::sync::Notify::new(),
         });
         // Slot 0: the root actor, answering lookups.
         {
@@ -1414,6 +1430,7 @@ impl Node {
     /// Closes every connection with a goodbye and stops listening.
     pub async fn shutdown(&self) {
         self.shared.shut.store(true, Ordering::Release);
+        self.shared.stop_accepting.notify_waiters();
         let conns: Vec<ConnHandle> = self
             .shared
             .lock()
@@ -1462,6 +1479,7 @@ async fn lookup_via<A: Actor>(conn: &ConnHandle, name: &str) -> Result<RemoteAdd
         type_name: LOOKUP,
         payload,
         refs: Vec::new(),
+        hold: Vec::new(),
         fds: Vec::new(),
         reply: tx,
     })

@@ -255,13 +255,14 @@ impl<A: Actor> RemoteAddr<A> {
                         node.discard_out(&enc.refs);
                         return Err(e);
                     }
-                    let refs = node.account_out(&conn, enc.refs)?;
+                    let refs = node.account_out(&conn, &enc.refs)?;
                     let (tx, rx) = oneshot::channel();
                     conn.send(Command::Call {
                         target: imp.id,
                         type_name: M::TYPE.as_str(),
                         payload: enc.payload,
                         refs,
+                        hold: enc.refs,
                         fds: enc.fds,
                         reply: tx,
                     })
@@ -335,13 +336,14 @@ impl<A: Actor> RemoteAddr<A> {
                     node.discard_out(&enc.refs);
                     return Err(e);
                 }
-                let refs = node.account_out(&conn, enc.refs)?;
+                let refs = node.account_out(&conn, &enc.refs)?;
                 conn.try_send(
                     Command::Cast {
                         target: imp.id,
                         type_name: M::TYPE.as_str(),
                         payload: enc.payload,
                         refs,
+                        hold: enc.refs,
                         fds: enc.fds,
                     },
                     imp.id,

@@ -14,7 +14,8 @@ use courier_runtime::wire::features;
 fn pair(mac: bool) -> (Session, Session) {
     let cfg = |n: u8| {
         let key = Key::new("default", b"a benchmark cookie!".to_vec()).unwrap();
-        let mut hs = HandshakeConfig::new(NodeId([n; 16]), Incarnation(n as u64), Keyring::single(key));
+        let mut hs =
+            HandshakeConfig::new(NodeId([n; 16]), Incarnation(n as u64), Keyring::single(key));
         hs.features = if mac { features::FRAME_MAC } else { 0 };
         SessionConfig::new(hs)
     };
@@ -49,7 +50,8 @@ fn measure(mac: bool, payload: &[u8], iters: u32) -> f64 {
     };
     let now = Instant::now();
     let mut one = || {
-        a.send_cast(now, target, "bench.msg", &[], payload, 0).unwrap();
+        a.send_cast(now, target, "bench.msg", &[], payload, 0)
+            .unwrap();
         let f = a.poll_transmit().unwrap();
         b.handle_frame(now, f);
         match b.poll_event() {

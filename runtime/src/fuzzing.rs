@@ -76,7 +76,11 @@ pub fn frames(data: &[u8]) {
         assert!(r.buffered() <= input.len(), "buffered more than was fed");
     }
     assert_eq!(got_err, want_err, "error differs from the reference");
-    assert_eq!(got.len(), want.len(), "frame count differs from the reference");
+    assert_eq!(
+        got.len(),
+        want.len(),
+        "frame count differs from the reference"
+    );
     for (g, w) in got.iter().zip(&want) {
         assert_eq!(&g[..], *w);
     }
@@ -488,7 +492,10 @@ mod tests {
 
     #[test]
     fn session_seeds_reach_the_open_state() {
-        for (_, name, data) in seeds().iter().filter(|(t, n, _)| *t == "handshake" && n.ends_with("full")) {
+        for (_, name, data) in seeds()
+            .iter()
+            .filter(|(t, n, _)| *t == "handshake" && n.ends_with("full"))
+        {
             let (cfg, role, _) = configs(data[0]);
             let now = Instant::now();
             let mut s = Session::new(cfg, role, now, nonce(role), None).unwrap();

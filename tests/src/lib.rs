@@ -475,7 +475,10 @@ pub async fn honest_calls(client: &Node, addr: &str, n: u64) -> Result<(), Remot
             .timeout(Duration::from_secs(10))
             .await?
             .expect("adding one is never refused");
-        assert!(total > last, "the counter went backwards: {total} after {last}");
+        assert!(
+            total > last,
+            "the counter went backwards: {total} after {last}"
+        );
         last = total;
     }
     Ok(())

@@ -67,11 +67,17 @@ fn kill_9_with_many_calls_in_flight_answers_each_call_once() {
             }
         }
         let took = t.elapsed();
-        assert!(answered > 0 && lost > 0, "{answered} answered, {lost} lost: not mid-stream");
+        assert!(
+            answered > 0 && lost > 0,
+            "{answered} answered, {lost} lost: not mid-stream"
+        );
         // Each answer is a distinct running total: no call was applied or
         // answered twice.
         assert_eq!(totals.len(), answered as usize);
-        assert!(took < 3 * HEARTBEAT + SLACK, "calls resolved after {took:?}");
+        assert!(
+            took < 3 * HEARTBEAT + SLACK,
+            "calls resolved after {took:?}"
+        );
         println!("kill -9 mid-stream: {answered} answered, {lost} failed with a typed error, all within {took:?}");
         assert!(counter.send(Get).await.is_err());
         assert_eq!(a.stats().imports, 0);
@@ -105,21 +111,33 @@ fn a_restarted_peer_at_the_same_address_is_a_new_incarnation() {
         // the same node.
         let e = old.send(Get).await.unwrap_err();
         assert!(
-            matches!(e, RemoteError::DeadReference { reason: DeadReason::NodeUnreachable, .. }),
+            matches!(
+                e,
+                RemoteError::DeadReference {
+                    reason: DeadReason::NodeUnreachable,
+                    ..
+                }
+            ),
             "{e}"
         );
         assert_eq!(new.send(Get).await.unwrap(), 0, "a fresh counter");
 
         // A peer still holding the old id sends to it: the new incarnation
         // refuses, and delivers nothing.
-        let mut raw = RawSession::connect(&addr, raw_config(random_node_id(), COOKIE.as_bytes(), false))
-            .await
-            .unwrap();
+        let mut raw = RawSession::connect(
+            &addr,
+            raw_config(random_node_id(), COOKIE.as_bytes(), false),
+        )
+        .await
+        .unwrap();
         let add = courier_runtime::codec::encode(&Add(100)).unwrap();
         let r = raw
             .session
             .send_call(Instant::now(), old_id, "test.counter.add", &[], &add, 0);
-        assert!(r.is_err(), "a session refuses to send to an old incarnation");
+        assert!(
+            r.is_err(),
+            "a session refuses to send to an old incarnation"
+        );
         // Forged by hand: a one-way Add to the old id.
         let mut body = bytes::BytesMut::new();
         courier_runtime::wire::encode_call(
@@ -139,9 +157,16 @@ fn a_restarted_peer_at_the_same_address_is_a_new_incarnation() {
         // handled (frames on a stream are taken in order), and the
         // connection is fine.
         let get = courier_runtime::codec::encode(&()).unwrap();
-        let r = raw.call(new_id, "test.counter.get", &[], &get).await.unwrap();
+        let r = raw
+            .call(new_id, "test.counter.get", &[], &get)
+            .await
+            .unwrap();
         assert_eq!(r.status, ReplyStatus::Ok);
-        assert_eq!(new.send(Get).await.unwrap(), 0, "nothing from the old incarnation arrived");
+        assert_eq!(
+            new.send(Get).await.unwrap(),
+            0,
+            "nothing from the old incarnation arrived"
+        );
         drop(b2);
         drop(a);
     });

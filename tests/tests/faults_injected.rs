@@ -31,7 +31,8 @@ async fn pair(scheme: &str, dir: &std::path::Path) -> (Node, Node, String, Fault
     export_counter(&server, "counter");
     let addr = server.local_addrs()[0].to_string();
     let faults = Faults::new();
-    let transport = FaultyTransport::wrap(Arc::new(courier::transports::AnyTransport::new()), &faults);
+    let transport =
+        FaultyTransport::wrap(Arc::new(courier::transports::AnyTransport::new()), &faults);
     let client = Node::builder()
         .cookie(COOKIE)
         .heartbeat(INTERVAL, BOUND)
@@ -52,7 +53,9 @@ fn a_stall_shorter_than_the_bound_kills_nothing() {
             let counter = client.lookup::<Counter>(&addr, "counter").await.unwrap();
             assert_eq!(counter.send(Add(1)).await.unwrap(), Ok(1));
             faults.stall();
-            let pending: Vec<_> = (0..20).map(|_| actix::spawn(counter.send(Add(1)))).collect();
+            let pending: Vec<_> = (0..20)
+                .map(|_| actix::spawn(counter.send(Add(1))))
+                .collect();
             tokio::time::sleep(BOUND / 3).await;
             faults.heal();
             for p in pending {
@@ -74,7 +77,9 @@ fn a_stall_longer_than_the_bound_fails_every_pending_call_within_it() {
             let (_server, client, addr, faults) = pair(scheme, dir.path()).await;
             let counter = client.lookup::<Counter>(&addr, "counter").await.unwrap();
             assert_eq!(counter.send(Add(1)).await.unwrap(), Ok(1));
-            let slow: Vec<_> = (0..10).map(|_| actix::spawn(counter.send(Slow(60_000)))).collect();
+            let slow: Vec<_> = (0..10)
+                .map(|_| actix::spawn(counter.send(Slow(60_000))))
+                .collect();
             tokio::time::sleep(Duration::from_millis(50)).await;
             faults.stall();
             let t = Instant::now();
@@ -86,16 +91,29 @@ fn a_stall_longer_than_the_bound_fails_every_pending_call_within_it() {
                 .collect();
             for p in slow.into_iter().chain(during) {
                 let r = p.await.unwrap();
-                assert!(matches!(r, Err(RemoteError::ConnectionLost { .. })), "{scheme}: {r:?}");
+                assert!(
+                    matches!(r, Err(RemoteError::ConnectionLost { .. })),
+                    "{scheme}: {r:?}"
+                );
             }
             let took = t.elapsed();
             assert!(took < BOUND + SLACK, "{scheme}: failed after {took:?}");
-            assert!(took >= BOUND - 3 * INTERVAL, "{scheme}: failed before the bound: {took:?}");
+            assert!(
+                took >= BOUND - 3 * INTERVAL,
+                "{scheme}: failed before the bound: {took:?}"
+            );
             let e = counter.send(Get).await.unwrap_err();
-            assert!(matches!(e, RemoteError::DeadReference { .. }), "{scheme}: {e}");
+            assert!(
+                matches!(e, RemoteError::DeadReference { .. }),
+                "{scheme}: {e}"
+            );
             faults.heal();
             let again = client.lookup::<Counter>(&addr, "counter").await.unwrap();
-            assert_eq!(again.send(Get).await.unwrap(), 1, "{scheme}: nothing applied twice");
+            assert_eq!(
+                again.send(Get).await.unwrap(),
+                1,
+                "{scheme}: nothing applied twice"
+            );
         }
     });
 }
@@ -109,14 +127,20 @@ fn delay_slows_calls_down_and_loses_nothing() {
             let counter = client.lookup::<Counter>(&addr, "counter").await.unwrap();
             faults.set_delay(Duration::from_millis(50));
             let t = Instant::now();
-            let calls: Vec<_> = (0..200).map(|_| actix::spawn(counter.send(Add(1)))).collect();
+            let calls: Vec<_> = (0..200)
+                .map(|_| actix::spawn(counter.send(Add(1))))
+                .collect();
             let mut totals: Vec<u64> = Vec::new();
             for c in calls {
                 totals.push(c.await.unwrap().unwrap().unwrap());
             }
             assert!(t.elapsed() >= Duration::from_millis(50), "{scheme}");
             totals.sort_unstable();
-            assert_eq!(totals, (1..=200).collect::<Vec<_>>(), "{scheme}: each answered once");
+            assert_eq!(
+                totals,
+                (1..=200).collect::<Vec<_>>(),
+                "{scheme}: each answered once"
+            );
             faults.set_delay(Duration::ZERO);
             assert!(faults.stats().delivered >= 200);
         }
@@ -130,7 +154,9 @@ fn a_cut_with_calls_in_flight_fails_them_at_once() {
         for scheme in SCHEMES {
             let (server, client, addr, faults) = pair(scheme, dir.path()).await;
             let counter = client.lookup::<Counter>(&addr, "counter").await.unwrap();
-            let calls: Vec<_> = (0..500).map(|_| actix::spawn(counter.send(Add(1)))).collect();
+            let calls: Vec<_> = (0..500)
+                .map(|_| actix::spawn(counter.send(Add(1))))
+                .collect();
             tokio::time::sleep(Duration::from_millis(2)).await;
             let t = Instant::now();
             faults.cut();
@@ -138,17 +164,25 @@ fn a_cut_with_calls_in_flight_fails_them_at_once() {
             for c in calls {
                 match c.await.unwrap() {
                     Ok(Ok(_)) => ok += 1,
-                    Err(RemoteError::ConnectionLost { .. } | RemoteError::DeadReference { .. }) => lost += 1,
+                    Err(RemoteError::ConnectionLost { .. } | RemoteError::DeadReference { .. }) => {
+                        lost += 1
+                    }
                     other => panic!("{scheme}: {other:?}"),
                 }
             }
             assert_eq!(ok + lost, 500);
-            assert!(t.elapsed() < BOUND, "{scheme}: a cut is seen before any heartbeat bound");
+            assert!(
+                t.elapsed() < BOUND,
+                "{scheme}: a cut is seen before any heartbeat bound"
+            );
             // The server applied at least what was answered, never more
             // than was sent.
             let again = client.lookup::<Counter>(&addr, "counter").await.unwrap();
             let applied = again.send(Get).await.unwrap();
-            assert!(applied >= ok && applied <= 500, "{scheme}: applied {applied}, answered {ok}");
+            assert!(
+                applied >= ok && applied <= 500,
+                "{scheme}: applied {applied}, answered {ok}"
+            );
             assert!(eventually(SLACK, || server.stats().connections == 1).await);
             println!("{scheme}: cut with 500 calls in flight: {ok} answered, {lost} failed, {applied} applied");
         }
@@ -173,10 +207,16 @@ fn corrupted_or_dropped_frames_on_tcp_close_the_connection() {
             let r2 = counter.send(Add(1)).timeout(SLACK).await;
             assert!(
                 matches!(r, Err(RemoteError::ConnectionLost { .. }))
-                    || matches!(r2, Err(RemoteError::ConnectionLost { .. } | RemoteError::DeadReference { .. })),
+                    || matches!(
+                        r2,
+                        Err(RemoteError::ConnectionLost { .. } | RemoteError::DeadReference { .. })
+                    ),
                 "{fault}: {r:?} {r2:?}"
             );
-            assert!(eventually(SLACK, || counter.dead_reason().is_some()).await, "{fault}");
+            assert!(
+                eventually(SLACK, || counter.dead_reason().is_some()).await,
+                "{fault}"
+            );
         }
     });
 }
@@ -191,7 +231,10 @@ fn a_dropped_frame_on_unix_is_a_typed_timeout_not_a_hang() {
         // Unix links carry no MACs (kernel-local): a frame lost below
         // Courier is a reply that never comes.
         faults.drop_next(1);
-        let r = counter.send(Add(1)).timeout(Duration::from_millis(500)).await;
+        let r = counter
+            .send(Add(1))
+            .timeout(Duration::from_millis(500))
+            .await;
         assert!(matches!(r, Err(RemoteError::Timeout { .. })), "{r:?}");
         assert_eq!(counter.send(Add(1)).await.unwrap(), Ok(3));
     });

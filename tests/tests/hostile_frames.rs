@@ -45,7 +45,8 @@ fn oversized_frame_lengths_close_only_that_connection() {
                 max_frame: 64 * 1024,
                 ..Limits::default()
             };
-            let (server, addr) = target_node(scheme, dir.path(), Duration::from_secs(5), limits).await;
+            let (server, addr) =
+                target_node(scheme, dir.path(), Duration::from_secs(5), limits).await;
             let honest = honest_node().await;
             honest_calls(&honest, &addr, 1).await.unwrap();
             let rss = rss_kib();
@@ -69,7 +70,11 @@ fn oversized_frame_lengths_close_only_that_connection() {
             // Nothing was reserved for the announced lengths.
             let grown = rss_kib().saturating_sub(rss);
             assert!(grown < 32 * 1024, "{scheme}: memory grew by {grown} KiB");
-            assert_eq!(server.stats().connections, 1, "{scheme}: only the honest peer is left");
+            assert_eq!(
+                server.stats().connections,
+                1,
+                "{scheme}: only the honest peer is left"
+            );
             server.shutdown().await;
         }
     });
@@ -80,8 +85,13 @@ fn malformed_cbor_is_answered_and_the_connection_kept() {
     run(async {
         let dir = tempfile::tempdir().unwrap();
         for scheme in SCHEMES {
-            let (server, addr) =
-                target_node(scheme, dir.path(), Duration::from_secs(5), Limits::default()).await;
+            let (server, addr) = target_node(
+                scheme,
+                dir.path(),
+                Duration::from_secs(5),
+                Limits::default(),
+            )
+            .await;
             let honest = honest_node().await;
             let mut s = key_holder(&addr).await;
             let counter = s.lookup("counter").await.unwrap();
@@ -90,20 +100,27 @@ fn malformed_cbor_is_answered_and_the_connection_kept() {
             deep.push(0x01);
             let bad: [&[u8]; 5] = [
                 b"\xff\xfe not cbor at all",
-                b"\x1b\x00\x00",                       // a truncated u64
+                b"\x1b\x00\x00",                         // a truncated u64
                 b"\x7b\xff\xff\xff\xff\xff\xff\xff\xff", // a 2^64-byte string
-                b"\x63abc",                            // a string where a number goes
+                b"\x63abc",                              // a string where a number goes
                 &deep,
             ];
             for payload in bad {
-                let r = s.call(counter, "test.counter.add", &[], payload).await.unwrap();
+                let r = s
+                    .call(counter, "test.counter.add", &[], payload)
+                    .await
+                    .unwrap();
                 assert_eq!(r.status, ReplyStatus::BadPayload, "{scheme}: {payload:x?}");
                 assert!(text(&r.payload).contains("Add"), "{}", text(&r.payload));
             }
             // The same connection still works.
-            let r = s.call(counter, "test.counter.add", &[], &cbor(&Add(2))).await.unwrap();
+            let r = s
+                .call(counter, "test.counter.add", &[], &cbor(&Add(2)))
+                .await
+                .unwrap();
             assert_eq!(r.status, ReplyStatus::Ok);
-            let got: Result<u64, CounterError> = courier_runtime::codec::decode(&r.payload).unwrap();
+            let got: Result<u64, CounterError> =
+                courier_runtime::codec::decode(&r.payload).unwrap();
             assert_eq!(got, Ok(2));
             honest_calls(&honest, &addr, 3).await.unwrap();
             assert_eq!(server.stats().connections, 2, "{scheme}");
@@ -117,8 +134,13 @@ fn unknown_actors_messages_and_references_never_exported() {
     run(async {
         let dir = tempfile::tempdir().unwrap();
         for scheme in SCHEMES {
-            let (server, addr) =
-                target_node(scheme, dir.path(), Duration::from_secs(5), Limits::default()).await;
+            let (server, addr) = target_node(
+                scheme,
+                dir.path(),
+                Duration::from_secs(5),
+                Limits::default(),
+            )
+            .await;
             let honest = honest_node().await;
             let mut s = key_holder(&addr).await;
             let counter = s.lookup("counter").await.unwrap();
@@ -128,15 +150,24 @@ fn unknown_actors_messages_and_references_never_exported() {
                 generation: 0,
             };
 
-            let r = s.call(s.peer_actor(never), "test.counter.get", &[], &cbor(&())).await.unwrap();
+            let r = s
+                .call(s.peer_actor(never), "test.counter.get", &[], &cbor(&()))
+                .await
+                .unwrap();
             assert_eq!(r.status, ReplyStatus::UnknownActor, "{scheme}");
             let stale = LocalId {
                 generation: counter.local.generation + 1,
                 ..counter.local
             };
-            let r = s.call(s.peer_actor(stale), "test.counter.get", &[], &cbor(&())).await.unwrap();
+            let r = s
+                .call(s.peer_actor(stale), "test.counter.get", &[], &cbor(&()))
+                .await
+                .unwrap();
             assert_eq!(r.status, ReplyStatus::ActorStopped, "{scheme}");
-            let r = s.call(counter, "test.counter.nope", &[], &cbor(&())).await.unwrap();
+            let r = s
+                .call(counter, "test.counter.nope", &[], &cbor(&()))
+                .await
+                .unwrap();
             assert_eq!(r.status, ReplyStatus::UnknownMessage, "{scheme}");
 
             // A reference into the node that it never exported arrives dead;
@@ -163,7 +194,10 @@ fn unknown_actors_messages_and_references_never_exported() {
                     name: name.into(),
                 })
             };
-            let r = s.call(room, "test.room.join", &[bogus_local], &join("ghost")).await.unwrap();
+            let r = s
+                .call(room, "test.room.join", &[bogus_local], &join("ghost"))
+                .await
+                .unwrap();
             assert_eq!(r.status, ReplyStatus::Ok, "{scheme}: {}", text(&r.payload));
             let own = WireRef {
                 actor: ActorId {
@@ -177,11 +211,21 @@ fn unknown_actors_messages_and_references_never_exported() {
                 lend_token: 0,
                 owner_addr: String::new(),
             };
-            let r = s.call(room, "test.room.join", &[own], &join("mine")).await.unwrap();
+            let r = s
+                .call(room, "test.room.join", &[own], &join("mine"))
+                .await
+                .unwrap();
             assert_eq!(r.status, ReplyStatus::Ok, "{scheme}");
-            assert_eq!(server.stats().imports, 1, "{scheme}: the attacker's actor is held");
+            assert_eq!(
+                server.stats().imports,
+                1,
+                "{scheme}: the attacker's actor is held"
+            );
             // An index past the references sent is a bad payload.
-            let r = s.call(room, "test.room.join", &[], &join("nobody")).await.unwrap();
+            let r = s
+                .call(room, "test.room.join", &[], &join("nobody"))
+                .await
+                .unwrap();
             assert_eq!(r.status, ReplyStatus::BadPayload, "{scheme}");
 
             // Releases and acquires of ids never exported change nothing.
@@ -212,8 +256,12 @@ fn unknown_actors_messages_and_references_never_exported() {
 
             // The room lets both go: the attacker's actor is released back.
             let leave = |n: &str| cbor(&Leave(n.into()));
-            s.call(room, "test.room.leave", &[], &leave("ghost")).await.unwrap();
-            s.call(room, "test.room.leave", &[], &leave("mine")).await.unwrap();
+            s.call(room, "test.room.leave", &[], &leave("ghost"))
+                .await
+                .unwrap();
+            s.call(room, "test.room.leave", &[], &leave("mine"))
+                .await
+                .unwrap();
             let mut released = false;
             while let Some(ev) = s.next_event(Duration::from_secs(2)).await {
                 if let Event::Release(v) = ev {
@@ -223,10 +271,17 @@ fn unknown_actors_messages_and_references_never_exported() {
                     break;
                 }
             }
-            assert!(released, "{scheme}: the node never released the attacker's actor");
+            assert!(
+                released,
+                "{scheme}: the node never released the attacker's actor"
+            );
             assert_eq!(server.stats().imports, 0);
             honest_calls(&honest, &addr, 3).await.unwrap();
-            assert_eq!(server.stats().connections, 2, "{scheme}: the attacker is still connected");
+            assert_eq!(
+                server.stats().connections,
+                2,
+                "{scheme}: the attacker is still connected"
+            );
             server.shutdown().await;
         }
     });
@@ -237,8 +292,13 @@ fn a_release_of_more_than_was_given_closes_that_peer() {
     run(async {
         let dir = tempfile::tempdir().unwrap();
         for scheme in SCHEMES {
-            let (server, addr) =
-                target_node(scheme, dir.path(), Duration::from_secs(5), Limits::default()).await;
+            let (server, addr) = target_node(
+                scheme,
+                dir.path(),
+                Duration::from_secs(5),
+                Limits::default(),
+            )
+            .await;
             let honest = honest_node().await;
             let mut s = key_holder(&addr).await;
             let counter = s.lookup("counter").await.unwrap();
@@ -250,7 +310,11 @@ fn a_release_of_more_than_was_given_closes_that_peer() {
                     .unwrap_or(0)
             };
             honest_calls(&honest, &addr, 1).await.unwrap();
-            assert_eq!(holders(&server), 2, "{scheme}: the attacker and the honest peer");
+            assert_eq!(
+                holders(&server),
+                2,
+                "{scheme}: the attacker and the honest peer"
+            );
             s.session
                 .send_release(
                     std::time::Instant::now(),
@@ -268,7 +332,10 @@ fn a_release_of_more_than_was_given_closes_that_peer() {
                 }
                 other => panic!("{scheme}: {other:?}"),
             }
-            assert!(eventually(SLACK, || holders(&server) == 1).await, "{scheme}");
+            assert!(
+                eventually(SLACK, || holders(&server) == 1).await,
+                "{scheme}"
+            );
             honest_calls(&honest, &addr, 3).await.unwrap();
             assert_eq!(server.stats().connections, 1);
             // A fresh connection from the same key holder is fine.
@@ -284,17 +351,30 @@ fn a_frame_that_is_not_an_envelope_closes_only_that_connection() {
     run(async {
         let dir = tempfile::tempdir().unwrap();
         for scheme in SCHEMES {
-            let (server, addr) =
-                target_node(scheme, dir.path(), Duration::from_secs(5), Limits::default()).await;
+            let (server, addr) = target_node(
+                scheme,
+                dir.path(),
+                Duration::from_secs(5),
+                Limits::default(),
+            )
+            .await;
             let honest = honest_node().await;
-            for body in [&b"\xee garbage kind"[..], b"", b"\x10\x00", b"\x01 a late hello"] {
+            for body in [
+                &b"\xee garbage kind"[..],
+                b"",
+                b"\x10\x00",
+                b"\x01 a late hello",
+            ] {
                 let mut s = key_holder(&addr).await;
                 s.conn.send_frame(body).await.unwrap();
                 assert!(
                     matches!(s.closed(SLACK).await, Some(CloseReason::PeerGoodbye(_))),
                     "{scheme}: {body:x?}"
                 );
-                assert!(matches!(s.conn.recv(Duration::from_millis(10)).await, Recv::Closed));
+                assert!(matches!(
+                    s.conn.recv(Duration::from_millis(10)).await,
+                    Recv::Closed
+                ));
             }
             honest_calls(&honest, &addr, 3).await.unwrap();
             assert!(eventually(SLACK, || server.stats().connections == 1).await);

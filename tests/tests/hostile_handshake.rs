@@ -55,8 +55,13 @@ fn a_wrong_key_is_refused_and_others_are_served() {
     run(async {
         let dir = tempfile::tempdir().unwrap();
         for scheme in SCHEMES {
-            let (server, addr) =
-                target_node(scheme, dir.path(), Duration::from_secs(2), Limits::default()).await;
+            let (server, addr) = target_node(
+                scheme,
+                dir.path(),
+                Duration::from_secs(2),
+                Limits::default(),
+            )
+            .await;
             let honest = honest_node().await;
             honest_calls(&honest, &addr, 3).await.unwrap();
             for _ in 0..5 {
@@ -81,8 +86,13 @@ fn truncated_handshakes_are_dropped() {
     run(async {
         let dir = tempfile::tempdir().unwrap();
         for scheme in SCHEMES {
-            let (server, addr) =
-                target_node(scheme, dir.path(), Duration::from_secs(1), Limits::default()).await;
+            let (server, addr) = target_node(
+                scheme,
+                dir.path(),
+                Duration::from_secs(1),
+                Limits::default(),
+            )
+            .await;
             let honest = honest_node().await;
             let hello = genuine_initiator().poll_transmit().unwrap();
 
@@ -99,7 +109,10 @@ fn truncated_handshakes_are_dropped() {
             // A whole hello and no response: the deadline again.
             let mut mute = RawConn::connect(&addr).await.unwrap();
             mute.send_frame(&hello).await.unwrap();
-            assert!(matches!(mute.recv(SLACK).await, Recv::Frame(_)), "a challenge");
+            assert!(
+                matches!(mute.recv(SLACK).await, Recv::Frame(_)),
+                "a challenge"
+            );
 
             let t = Instant::now();
             honest_calls(&honest, &addr, 3).await.unwrap();
@@ -123,8 +136,13 @@ fn a_replayed_handshake_transcript_is_refused() {
     run(async {
         let dir = tempfile::tempdir().unwrap();
         for scheme in SCHEMES {
-            let (server, addr) =
-                target_node(scheme, dir.path(), Duration::from_secs(2), Limits::default()).await;
+            let (server, addr) = target_node(
+                scheme,
+                dir.path(),
+                Duration::from_secs(2),
+                Limits::default(),
+            )
+            .await;
             let honest = honest_node().await;
 
             // A genuine handshake, recorded.
@@ -164,8 +182,13 @@ fn a_response_bound_to_another_node_is_refused() {
     run(async {
         let dir = tempfile::tempdir().unwrap();
         for scheme in SCHEMES {
-            let (one, addr_one) =
-                target_node(scheme, dir.path(), Duration::from_secs(2), Limits::default()).await;
+            let (one, addr_one) = target_node(
+                scheme,
+                dir.path(),
+                Duration::from_secs(2),
+                Limits::default(),
+            )
+            .await;
             let other_dir = tempfile::tempdir().unwrap();
             let (two, addr_two) = target_node(
                 scheme,
@@ -216,8 +239,7 @@ fn a_client_that_sends_nothing_is_closed_at_the_deadline() {
         let dir = tempfile::tempdir().unwrap();
         let deadline = Duration::from_millis(500);
         for scheme in SCHEMES {
-            let (server, addr) =
-                target_node(scheme, dir.path(), deadline, Limits::default()).await;
+            let (server, addr) = target_node(scheme, dir.path(), deadline, Limits::default()).await;
             let honest = honest_node().await;
             let t = Instant::now();
             let mut silent = RawConn::connect(&addr).await.unwrap();
@@ -225,7 +247,10 @@ fn a_client_that_sends_nothing_is_closed_at_the_deadline() {
             honest_calls(&honest, &addr, 5).await.unwrap();
             assert!(watcher.await.unwrap(), "{scheme}: still open");
             let took = t.elapsed();
-            assert!(took >= deadline - Duration::from_millis(100), "{scheme}: too early: {took:?}");
+            assert!(
+                took >= deadline - Duration::from_millis(100),
+                "{scheme}: too early: {took:?}"
+            );
             assert!(took < deadline + SLACK, "{scheme}: {took:?}");
             honest_calls(&honest, &addr, 2).await.unwrap();
             assert!(eventually(SLACK, || server.stats().handshakes_failed == 1).await);
@@ -240,8 +265,7 @@ fn a_client_that_dribbles_a_byte_a_second_is_closed_at_the_deadline() {
         let dir = tempfile::tempdir().unwrap();
         let deadline = Duration::from_millis(1500);
         for scheme in SCHEMES {
-            let (server, addr) =
-                target_node(scheme, dir.path(), deadline, Limits::default()).await;
+            let (server, addr) = target_node(scheme, dir.path(), deadline, Limits::default()).await;
             let honest = honest_node().await;
             let hello = genuine_initiator().poll_transmit().unwrap();
             let mut conn = RawConn::connect(&addr).await.unwrap();
@@ -267,7 +291,10 @@ fn a_client_that_dribbles_a_byte_a_second_is_closed_at_the_deadline() {
             let took = t.elapsed();
             assert!(sent < hello.len() / 4, "{scheme}: {sent} bytes went in");
             assert!(took < deadline + SLACK, "{scheme}: closed after {took:?}");
-            assert!(took >= deadline - Duration::from_millis(100), "{scheme}: {took:?}");
+            assert!(
+                took >= deadline - Duration::from_millis(100),
+                "{scheme}: {took:?}"
+            );
             honest_calls(&honest, &addr, 2).await.unwrap();
             server.shutdown().await;
         }
@@ -299,7 +326,11 @@ fn clients_that_never_finish_the_handshake_cannot_crowd_out_honest_peers() {
             let honest = honest_node().await;
             let t = Instant::now();
             honest_calls(&honest, &addr, 5).await.unwrap();
-            assert!(t.elapsed() < SLACK, "the honest peer waited {:?}", t.elapsed());
+            assert!(
+                t.elapsed() < SLACK,
+                "the honest peer waited {:?}",
+                t.elapsed()
+            );
 
             // The oldest were refused as busy; at most the cap are left.
             let mut refused = 0;

@@ -27,7 +27,9 @@ fn run<F: std::future::Future<Output = ()>>(f: F) {
 enum Tamper {
     Pass,
     /// Flip the last byte before the MAC tag (the payload's last byte).
-    Flip { mac: bool },
+    Flip {
+        mac: bool,
+    },
     /// Put this frame before it.
     Inject(Bytes),
 }
@@ -41,7 +43,9 @@ async fn proxy(to: String) -> (String, Arc<Mutex<Tamper>>) {
     let t = tamper.clone();
     actix::spawn(async move {
         let (client, _) = listener.accept().await.unwrap();
-        let server = TcpStream::connect(to.trim_start_matches("tcp://")).await.unwrap();
+        let server = TcpStream::connect(to.trim_start_matches("tcp://"))
+            .await
+            .unwrap();
         let (mut cr, mut cw) = client.into_split();
         let (mut sr, mut sw) = server.into_split();
         actix::spawn(async move {
@@ -137,7 +141,11 @@ fn a_flipped_byte_after_the_handshake_closes_the_connection_undelivered() {
         let r = counter.send(Add(7)).timeout(SLACK).await;
         expect_protocol_close(r).await;
         assert_eq!(total(&addr).await, 10, "the altered Add was not applied");
-        assert_eq!(srv.stats().calls_in, calls + 2, "only the honest lookup and Get arrived");
+        assert_eq!(
+            srv.stats().calls_in,
+            calls + 2,
+            "only the honest lookup and Get arrived"
+        );
         assert!(counter.send(Get).await.is_err(), "the reference is dead");
         // A fresh lookup through a clean path works.
         let again = c.lookup::<Counter>(&addr, "counter").await.unwrap();
@@ -168,7 +176,11 @@ fn an_injected_frame_after_the_handshake_closes_the_connection_undelivered() {
         *tamper.lock().unwrap() = Tamper::Inject(forged.freeze());
         let r = counter.send(Add(5)).timeout(SLACK).await;
         expect_protocol_close(r).await;
-        assert_eq!(total(&addr).await, 10, "neither the Bump nor the Add arrived");
+        assert_eq!(
+            total(&addr).await,
+            10,
+            "neither the Bump nor the Add arrived"
+        );
         drop(srv);
     });
 }

@@ -61,7 +61,14 @@ fn calls_to_a_peer_that_reads_nothing_get_backpressure_or_a_typed_error() {
             };
             let index = courier_runtime::codec::encode(&0u32).unwrap();
             peer.session
-                .send_reply(Instant::now(), call.header.request, ReplyStatus::Ok, &[me], &index, 0)
+                .send_reply(
+                    Instant::now(),
+                    call.header.request,
+                    ReplyStatus::Ok,
+                    &[me],
+                    &index,
+                    0,
+                )
                 .unwrap();
             peer.flush().await.unwrap();
             let counter = lookup.await.unwrap().unwrap();
@@ -89,11 +96,18 @@ fn calls_to_a_peer_that_reads_nothing_get_backpressure_or_a_typed_error() {
             assert!(matches!(e, RemoteError::Timeout { .. }), "{scheme}: {e}");
             let grown = rss_kib().saturating_sub(rss);
             assert!(grown < 96 * 1024, "{scheme}: memory grew by {grown} KiB");
-            println!("{scheme}: {queued} queued, {full} refused with MailboxFull, memory +{grown} KiB");
+            println!(
+                "{scheme}: {queued} queued, {full} refused with MailboxFull, memory +{grown} KiB"
+            );
 
             // The same node keeps serving an honest peer.
-            let (srv, srv_addr) =
-                target_node(scheme, dir.path(), Duration::from_secs(5), Limits::default()).await;
+            let (srv, srv_addr) = target_node(
+                scheme,
+                dir.path(),
+                Duration::from_secs(5),
+                Limits::default(),
+            )
+            .await;
             honest_calls(&client, &srv_addr, 5).await.unwrap();
             drop(peer);
             srv.shutdown().await;
@@ -107,8 +121,13 @@ fn a_flood_from_a_peer_that_reads_nothing_stays_bounded() {
     run(async {
         let dir = tempfile::tempdir().unwrap();
         for scheme in SCHEMES {
-            let (server, addr) =
-                target_node(scheme, dir.path(), Duration::from_secs(5), Limits::default()).await;
+            let (server, addr) = target_node(
+                scheme,
+                dir.path(),
+                Duration::from_secs(5),
+                Limits::default(),
+            )
+            .await;
             let honest = honest_node().await;
             let cfg = raw_config(random_node_id(), COOKIE.as_bytes(), false);
             let mut s = RawSession::connect(&addr, cfg).await.unwrap();
@@ -142,9 +161,14 @@ fn a_flood_from_a_peer_that_reads_nothing_stays_bounded() {
             honest_calls(&honest, &addr, 5).await.unwrap();
             let grown = rss_kib().saturating_sub(rss);
             assert!(grown < 64 * 1024, "{scheme}: memory grew by {grown} KiB");
-            println!("{scheme}: {sent} calls written by a peer that reads nothing, memory +{grown} KiB");
+            println!(
+                "{scheme}: {sent} calls written by a peer that reads nothing, memory +{grown} KiB"
+            );
             drop(s);
-            assert!(eventually(SLACK, || server.stats().connections == 1).await, "{scheme}");
+            assert!(
+                eventually(SLACK, || server.stats().connections == 1).await,
+                "{scheme}"
+            );
             server.shutdown().await;
         }
     });

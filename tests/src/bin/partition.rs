@@ -64,7 +64,9 @@ async fn main() {
     let b = TestNode::start_async("unshare", args).await;
     let pid = b.child.id().to_string();
     let port = b.addr.rsplit(':').next().expect("a port").to_owned();
-    sh(&["ip", "link", "add", "va", "type", "veth", "peer", "name", "vb", "netns", &pid]);
+    sh(&[
+        "ip", "link", "add", "va", "type", "veth", "peer", "name", "vb", "netns", &pid,
+    ]);
     sh(&["ip", "addr", "add", "10.213.0.1/30", "dev", "va"]);
     link(true);
     for c in [
@@ -109,12 +111,18 @@ async fn main() {
     link(true);
     for p in pending {
         let r = p.await.unwrap();
-        assert!(matches!(r, Ok(Ok(_))), "a call across a short partition failed: {r:?}");
+        assert!(
+            matches!(r, Ok(Ok(_))),
+            "a call across a short partition failed: {r:?}"
+        );
     }
     assert!(counter.dead_reason().is_none(), "the reference died");
     assert_eq!(counter.send(Get).await.unwrap(), 21);
     assert_eq!(a.stats().peers_lost, 0);
-    println!("SHORT down {SHORT:?}: 20 calls answered after {:?}, no dead reference", t.elapsed());
+    println!(
+        "SHORT down {SHORT:?}: 20 calls answered after {:?}, no dead reference",
+        t.elapsed()
+    );
 
     // 2. A partition longer than the bound.
     let slow: Vec<_> = (0..10)
@@ -137,7 +145,10 @@ async fn main() {
         }
     }
     let took = t.elapsed();
-    assert!(took < TIMEOUT + SLACK, "pending calls failed only after {took:?}");
+    assert!(
+        took < TIMEOUT + SLACK,
+        "pending calls failed only after {took:?}"
+    );
     assert!(
         took >= TIMEOUT - 3 * INTERVAL,
         "pending calls failed before the bound: {took:?}"
@@ -147,7 +158,10 @@ async fn main() {
     tokio::time::sleep(LONG.saturating_sub(t.elapsed())).await;
     link(true);
     // After healing, a new lookup reaches the same process again.
-    let again = a.lookup::<Counter>(&addr, "counter").await.expect("lookup after healing");
+    let again = a
+        .lookup::<Counter>(&addr, "counter")
+        .await
+        .expect("lookup after healing");
     assert_eq!(again.send(Get).await.unwrap(), 21);
     println!("LONG down {LONG:?}: {failed} pending calls failed with ConnectionLost after {took:?} (bound {TIMEOUT:?})");
     println!("PASS");
