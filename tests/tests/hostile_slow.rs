@@ -15,7 +15,12 @@ use courier_tests::*;
 const SCHEMES: [&str; 2] = ["tcp", "unix"];
 const SLACK: Duration = Duration::from_secs(5);
 
+/// Resident memory is the whole process's: the tests in this file take
+/// turns.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn run<F: std::future::Future<Output = ()>>(f: F) {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     actix::System::new().block_on(f);
 }
 
