@@ -50,6 +50,7 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -433,7 +434,9 @@ pub(crate) struct QuicLink {
     endpoint: Option<Endpoint>,
     shared: Arc<Shared>,
     peer: String,
-    max_now: usize,
+    /// The frame limit in force, shared with reads in progress so a
+    /// change applies to frames already arriving.
+    max_now: Arc<AtomicUsize>,
     ops: Vec<SendOp>,
     in_flight: usize,
     frames_sent: u64,
@@ -453,7 +456,7 @@ impl fmt::Debug for QuicLink {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("QuicLink")
             .field("peer", &self.peer)
-            .field("max_frame_len", &self.max_now)
+            .field("max_frame_len", &self.max_now.load(Ordering::Relaxed))
             .field("in_flight", &self.in_flight)
             .field("send", &self.send)
             .field("recv_done", &self.recv_done)
@@ -464,7 +467,7 @@ impl fmt::Debug for QuicLink {
 impl QuicLink {
     fn new(conn: Connection, endpoint: Option<Endpoint>, shared: Arc<Shared>) -> Self {
         let peer = quic_address(conn.remote_address()).to_string();
-        let max_now = shared.cfg.max_frame_len;
+        let max_now = Arc::new(AtomicUsize::new(shared.cfg.max_frame_len));
         Self {
             conn,
             endpoint,
@@ -521,7 +524,7 @@ impl QuicLink {
 impl Link for QuicLink {
     fn caps(&self) -> LinkCaps {
         LinkCaps {
-            max_frame_len: self.max_now,
+            max_frame_len: self.max_now.load(Ordering::Relaxed),
             carries_fds: false,
             max_fds_per_frame: 0,
             multiplexed: true,
@@ -531,7 +534,8 @@ impl Link for QuicLink {
     }
 
     fn set_max_frame_len(&mut self, max: usize) {
-        self.max_now = max.min(self.shared.cfg.max_frame_len);
+        self.max_now
+            .store(max.min(self.shared.cfg.max_frame_len), Ordering::Relaxed);
     }
 
     fn peer_addr(&self) -> String {
@@ -572,11 +576,9 @@ impl Link for QuicLink {
             });
         }
         let len = frame.payload.len();
-        if len > self.max_now {
-            return Err(TransportError::TooLarge {
-                len,
-                max: self.max_now,
-            });
+        let max = self.max_now.load(Ordering::Relaxed);
+        if len > max {
+            return Err(TransportError::TooLarge { len, max });
         }
         let priority = if len <= crate::stream::COALESCE_MAX {
             1
@@ -680,7 +682,7 @@ impl Link for QuicLink {
                     Poll::Pending => break,
                     Poll::Ready(Ok(stream)) => {
                         self.accept = None;
-                        let limit = self.max_now;
+                        let limit = self.max_now.clone();
                         let peer = self.peer.clone();
                         self.reads.push(Box::pin(read_stream(stream, limit, peer)));
                         progress = true;
@@ -839,7 +841,11 @@ impl Linger {
                     _ = conn.closed() => return,
                     s = conn.accept_uni() => match s {
                         // Frames are no longer wanted: read only what marks the end.
-                        Ok(s) => watch(Box::pin(read_stream(s, 16, peer.clone()))),
+                        Ok(s) => watch(Box::pin(read_stream(
+                            s,
+                            Arc::new(AtomicUsize::new(16)),
+                            peer.clone(),
+                        ))),
                         Err(_) => return,
                     },
                     Some(i) = rx.recv() => match i {
@@ -894,21 +900,22 @@ fn send_stream(
     })
 }
 
-/// Reads one stream to its end, refusing more than `max` payload bytes.
+/// Reads one stream to its end, refusing more payload bytes than the limit
+/// in force as they arrive.
 async fn read_stream(
     mut s: RecvStream,
-    max: usize,
+    max: Arc<AtomicUsize>,
     peer: String,
 ) -> Result<Incoming, TransportError> {
-    // The kind byte, and room for END's count whatever the limit.
-    let limit = (max + 1).max(9);
     let mut parts: Vec<Bytes> = Vec::new();
     let mut total = 0usize;
     loop {
         match s.read_chunk(usize::MAX, true).await {
             Ok(Some(chunk)) => {
                 total += chunk.bytes.len();
-                if total > limit {
+                let max = max.load(Ordering::Relaxed);
+                // The kind byte, and room for END's count whatever the limit.
+                if total > (max.saturating_add(1)).max(9) {
                     let _ = s.stop(VarInt::from_u32(STOP_TOO_LARGE));
                     return Err(TransportError::TooLarge {
                         len: total - 1,
@@ -1025,5 +1032,112 @@ fn write_error(e: WriteError, peer: &str) -> TransportError {
             format!("send to {peer}"),
             io::Error::other(other.to_string()),
         ),
+    }
+}
+
+/// One bidirectional quinn stream between two endpoints on loopback, as a
+/// plain byte stream: the "raw QUIC" baseline the benchmark measures
+/// Courier against. Both ends use a fresh certificate pinned by the other,
+/// the same TLS settings and flow-control windows as Courier's links.
+pub async fn raw_stream_pair() -> Result<(RawStream, RawStream), TransportError> {
+    let id = Identity::generate("courier-raw")?;
+    let cfg = QuicConfig::new(id.clone(), PeerTrust::pinned([id.fingerprint()]));
+    let t = QuicTransport::new(cfg.clone())?;
+    let mut tc = transport_config(&cfg)?;
+    tc.max_concurrent_bidi_streams(VarInt::from_u32(1));
+    let tc = Arc::new(tc);
+    let mut server_cfg = t.shared.server.clone();
+    server_cfg.transport_config(tc.clone());
+    let mut client_cfg = t.shared.client.clone();
+    client_cfg.transport_config(tc);
+    let io = |e: io::Error| TransportError::io("bind a raw QUIC endpoint", e);
+    let server =
+        Endpoint::server(server_cfg, "127.0.0.1:0".parse().expect("literal")).map_err(io)?;
+    let addr = server.local_addr().map_err(io)?;
+    let mut client = Endpoint::client("127.0.0.1:0".parse().expect("literal")).map_err(io)?;
+    client.set_default_client_config(client_cfg);
+    let connecting = client
+        .connect(addr, "courier-raw")
+        .map_err(|e| TransportError::Tls(e.to_string()))?;
+    let conn_err = |e: ConnectionError| TransportError::Tls(e.to_string());
+    let accept = async {
+        let incoming = server.accept().await.ok_or(TransportError::Closed)?;
+        let conn = incoming.await.map_err(conn_err)?;
+        let (send, recv) = conn.accept_bi().await.map_err(conn_err)?;
+        Ok::<_, TransportError>((conn, send, recv))
+    };
+    let open = async {
+        let conn = connecting.await.map_err(conn_err)?;
+        let (mut send, recv) = conn.open_bi().await.map_err(conn_err)?;
+        // A stream is announced to the peer with its first bytes.
+        send.write_all(&[0])
+            .await
+            .map_err(|e| TransportError::Tls(e.to_string()))?;
+        Ok::<_, TransportError>((conn, send, recv))
+    };
+    let (a, o) = tokio::join!(accept, open);
+    let (sc, ss, mut sr) = a?;
+    let (cc, cs, cr) = o?;
+    let mut first = [0u8; 1];
+    sr.read_exact(&mut first)
+        .await
+        .map_err(|e| TransportError::Tls(e.to_string()))?;
+    Ok((
+        RawStream {
+            send: cs,
+            recv: cr,
+            _conn: cc,
+            _endpoint: client,
+        },
+        RawStream {
+            send: ss,
+            recv: sr,
+            _conn: sc,
+            _endpoint: server,
+        },
+    ))
+}
+
+/// A quinn bidirectional stream as an `AsyncRead + AsyncWrite` (see
+/// [`raw_stream_pair`]). Keeps its connection and endpoint alive.
+#[derive(Debug)]
+pub struct RawStream {
+    send: quinn::SendStream,
+    recv: RecvStream,
+    _conn: Connection,
+    _endpoint: Endpoint,
+}
+
+impl tokio::io::AsyncRead for RawStream {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        tokio::io::AsyncRead::poll_read(std::pin::Pin::new(&mut self.recv), cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for RawStream {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        tokio::io::AsyncWrite::poll_write(std::pin::Pin::new(&mut self.send), cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<()>> {
+        tokio::io::AsyncWrite::poll_flush(std::pin::Pin::new(&mut self.send), cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<()>> {
+        tokio::io::AsyncWrite::poll_shutdown(std::pin::Pin::new(&mut self.send), cx)
     }
 }
