@@ -38,6 +38,13 @@
 //! dropping it without `poll_close` closes the connection at once (the peer
 //! sees an error). No file descriptors travel over QUIC.
 //!
+//! # Endpoints
+//!
+//! A listener owns one UDP endpoint; each outgoing connection gets its own
+//! client endpoint (an ephemeral UDP port), kept as long as the link. A
+//! listener drives handshakes only while it is polled for `poll_accept`, and
+//! refuses new connections once dropped (accepted links keep working).
+//!
 //! # Backpressure and memory
 //!
 //! `poll_ready` is `Pending` while more than [`QuicConfig::send_budget`]
