@@ -27,6 +27,9 @@ use courier_runtime::wire::{ReleaseEntry, ReplyStatus, WireRef, TAG_LEN};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
+use futures_util::stream::{FuturesUnordered, StreamExt};
+
+use crate::export::{Dispatch, InboundFut};
 use crate::node::NodeShared;
 use crate::refctx::Resolved;
 
@@ -164,6 +167,11 @@ pub(crate) struct Driver {
     link_done: bool,
     remote: String,
     max_inflight: usize,
+    /// Inbound calls being handled: polled here, so a reply goes straight
+    /// into the session without another task or channel.
+    inbound: FuturesUnordered<InboundFut>,
+    /// A one-way delivery waiting for mailbox room; reading waits for it.
+    blocking: Option<InboundFut>,
 }
 
 fn now() -> Instant {
@@ -223,6 +231,8 @@ impl Driver {
             link_done: false,
             remote,
             max_inflight,
+            inbound: FuturesUnordered::new(),
+            blocking: None,
         })
     }
 
@@ -372,7 +382,16 @@ impl Driver {
             Event::Call(call) | Event::Cast(call) => {
                 let Some(h) = self.handle.clone() else { return };
                 let fds = fds.take().unwrap_or_default();
-                self.node.dispatch_inbound(&h, call, fds);
+                match self.node.dispatch_inbound(&h, call, fds) {
+                    Dispatch::Done => {}
+                    Dispatch::Reply(cmd) => self.on_command(cmd),
+                    Dispatch::Pending(f) => self.inbound.push(f),
+                    Dispatch::Blocking(f) => match &self.blocking {
+                        // Only one at a time: reading stops while it waits.
+                        None => self.blocking = Some(f),
+                        Some(_) => self.inbound.push(f),
+                    },
+                }
             }
             Event::Reply(reply) => {
                 let Some(h) = self.handle.clone() else { return };
@@ -504,6 +523,9 @@ impl Driver {
     }
 
     fn reading_allowed(&self) -> bool {
+        if self.blocking.is_some() {
+            return false;
+        }
         match &self.handle {
             Some(h) => h.0.inflight.load(Ordering::Acquire) < self.max_inflight,
             None => true,
@@ -532,6 +554,23 @@ impl Future for Driver {
         let this = &mut *self;
         for _round in 0..32 {
             let mut progress = false;
+
+            // Deliveries finishing: their replies go straight out.
+            if let Some(f) = this.blocking.as_mut() {
+                if let Poll::Ready(cmd) = f.as_mut().poll(cx) {
+                    this.blocking = None;
+                    if let Some(cmd) = cmd {
+                        this.on_command(cmd);
+                    }
+                    progress = true;
+                }
+            }
+            while let Poll::Ready(Some(cmd)) = this.inbound.poll_next_unpin(cx) {
+                if let Some(cmd) = cmd {
+                    this.on_command(cmd);
+                }
+                progress = true;
+            }
 
             // Frames in.
             if !this.link_done && this.reading_allowed() {

@@ -25,7 +25,8 @@ use tracing::{debug, info, warn};
 
 use crate::conn::{Command, ConnHandle, Driver, ReplyIn};
 use crate::export::{
-    install_panic_hook, Caller, Export, ExportEntry, ExportedAny, Inbound, InflightGuard, ReplySink,
+    install_panic_hook, Caller, Dispatch, Export, ExportEntry, ExportedAny, Inbound, InflightGuard,
+    ReplySink,
 };
 use crate::refctx::{self, OutRef, Resolved};
 use crate::remote::{Imported, RemoteAddr};
@@ -729,13 +730,14 @@ impl NodeShared {
         Ok(id)
     }
 
-    /// Handles a call or cast that arrived on `h`.
+    /// Handles a call or cast that arrived on `h`; returns what is left
+    /// for the driver to do.
     pub(crate) fn dispatch_inbound(
         self: &Arc<Self>,
         h: &ConnHandle,
         call: Call,
         fds: Vec<OwnedFd>,
-    ) {
+    ) -> Dispatch {
         self.calls_in.fetch_add(1, Ordering::Relaxed);
         let refs = self.resolve_refs(h, &call.refs);
         let request = call.header.request;
@@ -746,13 +748,13 @@ impl NodeShared {
             done: false,
         });
         if fds.len() != call.header.fds as usize {
-            if let Some(r) = reply {
-                actix::spawn(r.fail(
+            return match reply {
+                Some(r) => Dispatch::Reply(r.fail(
                     ReplyStatus::BadPayload,
-                    "the descriptors announced did not arrive with the message".into(),
-                ));
-            }
-            return;
+                    "the descriptors announced did not arrive with the message",
+                )),
+                None => Dispatch::Done,
+            };
         }
         let target = if call.header.incarnation != self.incarnation {
             Err(ReplyStatus::ActorStopped)
@@ -766,7 +768,7 @@ impl NodeShared {
         };
         match target {
             Ok(t) => t.dispatch(Inbound {
-                type_name: call.type_name().to_owned(),
+                type_name: call.type_name,
                 payload: call.payload,
                 refs,
                 fds,
@@ -777,12 +779,13 @@ impl NodeShared {
                     key_id: h.0.peer.key_id.clone(),
                 },
             }),
-            Err(status) => {
-                if let Some(r) = reply {
+            Err(status) => match reply {
+                Some(r) => {
                     let text = format!("no actor {} on this node", call.header.target);
-                    actix::spawn(r.fail(status, text));
+                    Dispatch::Reply(r.fail(status, &text))
                 }
-            }
+                None => Dispatch::Done,
+            },
         }
     }
 
@@ -1473,14 +1476,16 @@ impl Serialize for LocalRef {
 }
 
 impl ExportedAny for Root {
-    fn dispatch(self: Arc<Self>, inbound: Inbound) {
-        let Some(reply) = inbound.reply else { return };
-        let Some(node) = self.node.upgrade() else {
-            return;
+    fn dispatch(self: Arc<Self>, inbound: Inbound) -> Dispatch {
+        let Some(reply) = inbound.reply else {
+            return Dispatch::Done;
         };
-        if inbound.type_name != LOOKUP {
-            actix::spawn(reply.fail(ReplyStatus::UnknownMessage, inbound.type_name));
-            return;
+        let Some(node) = self.node.upgrade() else {
+            return Dispatch::Done;
+        };
+        if &inbound.type_name[..] != LOOKUP.as_bytes() {
+            let name = String::from_utf8_lossy(&inbound.type_name).into_owned();
+            return Dispatch::Reply(reply.fail(ReplyStatus::UnknownMessage, &name));
         }
         let found = courier_runtime::codec::decode::<String>(&inbound.payload)
             .ok()
@@ -1488,16 +1493,10 @@ impl ExportedAny for Root {
                 let st = node.lock();
                 st.names.get(&name).map(|l| st.exports.id(*l))
             });
-        actix::spawn(async move {
-            match found {
-                Some(id) => reply.reply(&LocalRef(id)).await,
-                None => {
-                    reply
-                        .fail(ReplyStatus::UnknownActor, "no actor by that name".into())
-                        .await
-                }
-            }
-        });
+        Dispatch::Reply(match found {
+            Some(id) => reply.reply(&LocalRef(id)),
+            None => reply.fail(ReplyStatus::UnknownActor, "no actor by that name"),
+        })
     }
 
     fn as_any(self: Arc<Self>) -> Arc<dyn std::any::Any + Send + Sync> {

@@ -180,6 +180,7 @@ pub fn export_counter(node: &Node, name: &str) -> RemoteAddr<Counter> {
         .handles::<Blob>()
         .handles::<WhoAmI>()
         .failure_details(true)
+        .backtraces(true)
         .register(name)
         .expect("name is free")
 }

@@ -11,6 +11,11 @@ use courier_tests::*;
 const WAIT: Duration = Duration::from_secs(10);
 
 fn run<F: std::future::Future<Output = ()>>(f: F) {
+    if std::env::var_os("COURIER_TEST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_env("COURIER_TEST_LOG"))
+            .try_init();
+    }
     actix::System::new().block_on(f);
 }
 
