@@ -15,7 +15,7 @@ use courier_runtime::error::{RemoteError, RemoteFailure};
 use courier_runtime::id::ActorId;
 use courier_runtime::wire::ReplyStatus;
 use serde::Serialize;
-use tracing::{error, warn};
+use tracing::{error, warn, Instrument, Span};
 
 use crate::conn::{Command, ConnHandle};
 use crate::message::{RemoteMessage, RemoteReply};
@@ -41,6 +41,8 @@ pub(crate) struct Inbound {
     pub reply: Option<ReplySink>,
     pub guard: InflightGuard,
     pub caller: Caller,
+    /// The `call` span (actor, message type, request id).
+    pub span: Span,
 }
 
 /// Counts an inbound message in flight on its connection until dropped.
@@ -279,6 +281,7 @@ where
             reply,
             guard,
             caller,
+            span,
             ..
         } = inbound;
         let msg: M = match refctx::decode(&payload, refs, fds) {
@@ -294,29 +297,32 @@ where
             }
         };
         let request = entry.current_addr().send(msg);
-        actix::spawn(async move {
-            let _guard = guard;
-            match (request.await, reply) {
-                (Ok(value), Some(r)) => r.reply(&value).await,
-                (Ok(_), None) => {}
-                (Err(MailboxError::Closed), r) => {
-                    let failure = entry.panic_failure(M::TYPE.as_str());
-                    // Restart now rather than on the next message.
-                    let _ = entry.current_addr();
-                    if let Some(r) = r {
-                        r.failed(&failure).await;
+        actix::spawn(
+            async move {
+                let _guard = guard;
+                match (request.await, reply) {
+                    (Ok(value), Some(r)) => r.reply(&value).await,
+                    (Ok(_), None) => {}
+                    (Err(MailboxError::Closed), r) => {
+                        let failure = entry.panic_failure(M::TYPE.as_str());
+                        // Restart now rather than on the next message.
+                        let _ = entry.current_addr();
+                        if let Some(r) = r {
+                            r.failed(&failure).await;
+                        }
                     }
+                    (Err(MailboxError::Timeout), Some(r)) => {
+                        r.fail(
+                            ReplyStatus::ActorStopped,
+                            "the actor did not answer in time".into(),
+                        )
+                        .await
+                    }
+                    (Err(MailboxError::Timeout), None) => {}
                 }
-                (Err(MailboxError::Timeout), Some(r)) => {
-                    r.fail(
-                        ReplyStatus::ActorStopped,
-                        "the actor did not answer in time".into(),
-                    )
-                    .await
-                }
-                (Err(MailboxError::Timeout), None) => {}
             }
-        });
+            .instrument(span),
+        );
     })
 }
 

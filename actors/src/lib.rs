@@ -43,15 +43,22 @@
 //! protocol itself lives in `courier-runtime`; the wires in
 //! `courier-transports`.
 
+#![deny(missing_docs)]
+
+pub mod config;
 mod conn;
 pub mod cookie;
+pub mod echo;
 mod export;
+pub mod info;
 mod message;
+mod metrics;
 mod node;
 mod refctx;
 mod remote;
 mod spawn;
 
+pub use config::{Config, ConfigError};
 pub use courier_runtime::error::{DeadReason, RemoteError, RemoteFailure};
 pub use courier_runtime::handshake::{Key, Keyring};
 pub use courier_runtime::id::{ActorId, Incarnation, LocalId, MessageType, NodeId};
@@ -59,6 +66,7 @@ pub use courier_runtime::session::Role;
 pub use courier_runtime::transport::{Address, Transport};
 pub use export::{Caller, Export};
 pub use message::{RemoteMessage, RemoteReply};
+pub use metrics::LatencySummary;
 pub use node::{
     ActorDown, ExportSummary, FrameMac, Limits, Node, NodeBuilder, NodeDown, NodeStats,
     PeerSummary, Supervisor,
