@@ -43,7 +43,9 @@
 //! [`crate::NodeBuilder::config`] applies a `Config`, building the QUIC
 //! transport from the configured identity and pins.
 
-use std::path::{Path, PathBuf};
+#[cfg(feature = "toml")]
+use std::path::Path;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use courier_runtime::error::RemoteError;
@@ -83,7 +85,8 @@ pub const ENV_VARS: &[(&str, &str)] = &[
 
 /// A node's deployment settings. Every field is optional: unset means "the
 /// layer below decides", and at the bottom, the [`NodeBuilder`] default.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// `Debug` shows whether a cookie is set, never the cookie.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// A human name for logs (and the QUIC certificate when one is made).
@@ -109,6 +112,23 @@ pub struct Config {
     pub quic: QuicSettings,
     /// Limits (see [`Limits`]).
     pub limits: LimitSettings,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("name", &self.name)
+            .field("listen", &self.listen)
+            .field("peers", &self.peers)
+            .field("cookie", &self.cookie.as_ref().map(|_| "(set, not shown)"))
+            .field("cookie_file", &self.cookie_file)
+            .field("heartbeat_ms", &self.heartbeat_ms)
+            .field("heartbeat_timeout_ms", &self.heartbeat_timeout_ms)
+            .field("handshake_timeout_ms", &self.handshake_timeout_ms)
+            .field("quic", &self.quic)
+            .field("limits", &self.limits)
+            .finish()
+    }
 }
 
 /// QUIC identity and trust. An identity enables `quic://`.
@@ -769,6 +789,17 @@ mod tests {
             Config::default(),
             "empty variables are unset"
         );
+    }
+
+    #[test]
+    fn debug_never_shows_the_cookie() {
+        let c = Config {
+            cookie: Some("s3cret-cookie-value!".into()),
+            ..Default::default()
+        };
+        let d = format!("{c:?}");
+        assert!(!d.contains("s3cret"), "{d}");
+        assert!(d.contains("not shown"), "{d}");
     }
 
     #[test]
