@@ -52,6 +52,13 @@
 //! # }
 //! ```
 //!
+//! Every link and listener must be created and polled inside a tokio
+//! runtime. An error from [`Listener::poll_accept`] concerns one incoming
+//! connection (for example `EMFILE`); keep accepting unless it is
+//! `TransportError::Closed`. Links start with the transport's full frame
+//! limit: lower it with [`Link::set_max_frame_len`] before the first
+//! `poll_recv` on an unauthenticated link.
+//!
 //! Stream links (TCP, Unix, fd) share one implementation in [`stream`]: its
 //! module docs give the wire format, including how descriptors are tied to
 //! frames, and how writes are batched and bounded. QUIC's certificates,
