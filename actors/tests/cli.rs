@@ -282,6 +282,18 @@ fn node_prints_its_id_and_addresses() {
     );
     assert!(n.lines.iter().any(|l| l.contains("courier.echo")));
 
+    // Bad listen addresses are named: syntax, and descriptors that are not
+    // inherited sockets.
+    for (listen, needle) in [
+        ("bogus", "bad --listen address"),
+        ("tcp://127.0.0.1:99999", "99999"),
+        ("fd://57", "descriptor 57 is not open"),
+    ] {
+        let mut c = courier(home.path());
+        c.env("COURIER_COOKIE", COOKIE)
+            .args(["node", "--listen", listen]);
+        expect_fail(&run(c), 2, needle);
+    }
     // Without an address it says what to give.
     let mut c = courier(home.path());
     c.env("COURIER_COOKIE", COOKIE).arg("node");
@@ -385,9 +397,11 @@ fn ping_refused_silent_and_bad_addresses() {
         ])
         .arg(&keys);
     expect_fail(&run(c), 3, &format!("127.0.0.1:{port}"));
-    // Not an address at all.
+    // Not an address at all, or not one to dial.
     let o = client(home.path(), &["ping", "tcp:/nowhere"]);
     expect_fail(&o, 2, "tcp:/nowhere");
+    let o = client(home.path(), &["ls", "fd://3"]);
+    expect_fail(&o, 2, "inherited descriptor");
     let o = client(home.path(), &["ping", "tcp://127.0.0.1:1", "--timeout=-3"]);
     expect_fail(&o, 2, "--timeout");
 }

@@ -136,11 +136,40 @@ pub fn classify(e: &RemoteError, addr: &str) -> Failure {
     }
 }
 
-/// Checks an address given on the command line.
-pub fn check_addr(addr: &str) -> Result<(), Failure> {
-    addr.parse::<courier::Address>()
-        .map(drop)
-        .map_err(|e| Failure::usage(e.to_string()))
+/// Checks an address to connect to: it must parse, and not be `fd://`
+/// (a descriptor is inherited, not dialed).
+pub fn check_dial_addr(addr: &str) -> Result<(), Failure> {
+    match addr.parse::<courier::Address>() {
+        Err(e) => Err(Failure::usage(e.to_string())),
+        Ok(courier::Address::Fd { .. }) => Err(Failure::usage(format!(
+            "{addr}: an fd:// address names an inherited descriptor; give the node's \
+             tcp://, unix:// or quic:// address"
+        ))),
+        Ok(_) => Ok(()),
+    }
+}
+
+/// Checks an address to listen on. `fd://N` must be a socket this process
+/// inherited: checked before the runtime opens descriptors of its own, so
+/// a wrong number is refused rather than taken from the runtime.
+pub fn check_listen_addr(addr: &str) -> Result<(), Failure> {
+    match addr.parse::<courier::Address>() {
+        Err(e) => Err(Failure::usage(format!("bad --listen address: {e}"))),
+        Ok(courier::Address::Fd { fd: Some(n) }) => {
+            let target = std::fs::read_link(format!("/proc/self/fd/{n}"));
+            match target {
+                Ok(t) if t.to_string_lossy().starts_with("socket:") => Ok(()),
+                Ok(t) => Err(Failure::usage(format!(
+                    "{addr}: descriptor {n} is {}, not a socket",
+                    t.display()
+                ))),
+                Err(_) => Err(Failure::usage(format!(
+                    "{addr}: descriptor {n} is not open in this process"
+                ))),
+            }
+        }
+        Ok(_) => Ok(()),
+    }
 }
 
 /// The first SHA-256 fingerprint (64 hex digits) in `text`.
@@ -239,7 +268,7 @@ pub async fn within<T>(
 
 /// A node that only dials out, to talk to `target`.
 pub async fn client_node(cfg: &Config, target: &str) -> Result<Node, Failure> {
-    check_addr(target)?;
+    check_dial_addr(target)?;
     let mut cfg = cfg.clone();
     cfg.listen.clear();
     cfg.peers.clear();

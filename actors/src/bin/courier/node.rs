@@ -52,6 +52,12 @@ pub fn run(config: Option<&Path>, args: Args) -> Result<(), Failure> {
              or `listen` in the config file",
         ));
     }
+    for a in &cfg.listen {
+        common::check_listen_addr(a)?;
+    }
+    for p in &cfg.peers {
+        common::check_dial_addr(p)?;
+    }
     let duration = args
         .duration
         .map(|d| common::secs_to_ms(d, "--duration"))
