@@ -118,7 +118,7 @@ pub struct NodeStats {
     /// Exported actors (the root and node-info actors left out).
     pub exports: usize,
     /// References to those actors peers hold (the sum of every holder's
-    /// count).
+    /// count; summed on each call, so it costs a pass over the exports).
     pub exported_refs: u64,
     /// Imported actors not yet released.
     pub imports: usize,
