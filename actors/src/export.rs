@@ -206,24 +206,33 @@ impl<A: Actor> ExportEntry<A> {
 
     fn panic_failure(&self, type_name: &str) -> RemoteFailure {
         let detail = take_last_panic();
+        let (text, backtrace) = match detail {
+            Some((t, b)) => (Some(t), Some(b)),
+            None => (None, None),
+        };
         error!(
             actor = std::any::type_name::<A>(),
             message = type_name,
-            panic = detail.as_deref().unwrap_or("unknown"),
+            panic = text.as_deref().unwrap_or("unknown"),
             "handler panicked"
         );
-        let message = if self.failure_details {
-            format!(
-                "the handler of {type_name} panicked: {}",
-                detail.as_deref().unwrap_or("(no message)")
-            )
+        if self.failure_details {
+            RemoteFailure {
+                type_name: "panic".into(),
+                message: format!(
+                    "the handler of {type_name} panicked: {}",
+                    text.as_deref().unwrap_or("(no message)")
+                ),
+                backtrace,
+            }
         } else {
-            format!("the handler of {type_name} panicked (details are in the exporting node's log)")
-        };
-        RemoteFailure {
-            type_name: "panic".into(),
-            message,
-            backtrace: None,
+            RemoteFailure {
+                type_name: "panic".into(),
+                message: format!(
+                    "the handler of {type_name} panicked (details are in the exporting node's log)"
+                ),
+                backtrace: None,
+            }
         }
     }
 }
@@ -359,8 +368,9 @@ impl<A: Actor> Export<A> {
         self
     }
 
-    /// Whether callers see the panic message of a failed handler (off by
-    /// default: they get an opaque failure, and the message is logged here).
+    /// Whether callers see the panic message and backtrace of a failed
+    /// handler (off by default: they get an opaque failure, and the message
+    /// is logged here). Turn it on for trusted peers only.
     pub fn failure_details(mut self, on: bool) -> Self {
         self.failure_details = on;
         self
@@ -396,7 +406,7 @@ impl<A: Actor> Export<A> {
 }
 
 thread_local! {
-    static LAST_PANIC: RefCell<Option<String>> = const { RefCell::new(None) };
+    static LAST_PANIC: RefCell<Option<(String, String)>> = const { RefCell::new(None) };
 }
 
 /// Records panic messages per thread so a failed handler can report one.
@@ -416,12 +426,15 @@ pub(crate) fn install_panic_hook() {
                 .location()
                 .map(|l| format!(" at {}:{}", l.file(), l.line()))
                 .unwrap_or_default();
-            LAST_PANIC.with(|p| *p.borrow_mut() = Some(format!("{msg}{at}")));
+            // Panics are rare; a backtrace is kept for exporters that
+            // opted in to failure details.
+            let bt = std::backtrace::Backtrace::force_capture().to_string();
+            LAST_PANIC.with(|p| *p.borrow_mut() = Some((format!("{msg}{at}"), bt)));
             previous(info);
         }));
     });
 }
 
-fn take_last_panic() -> Option<String> {
+fn take_last_panic() -> Option<(String, String)> {
     LAST_PANIC.with(|p| p.borrow_mut().take())
 }
