@@ -19,7 +19,7 @@ use courier_runtime::error::{RemoteError, RemoteFailure};
 use courier_runtime::id::ActorId;
 use courier_runtime::wire::ReplyStatus;
 use serde::Serialize;
-use tracing::{error, warn};
+use tracing::{error, warn, Instrument, Span};
 
 use crate::conn::{Command, ConnHandle};
 use crate::message::{RemoteMessage, RemoteReply};
@@ -45,6 +45,8 @@ pub(crate) struct Inbound {
     pub reply: Option<ReplySink>,
     pub guard: InflightGuard,
     pub caller: Caller,
+    /// The `call` span (actor, message type, request id).
+    pub span: Span,
 }
 
 /// Counts an inbound message in flight on its connection until dropped.
@@ -304,6 +306,7 @@ where
             reply,
             guard,
             caller,
+            span,
             ..
         } = inbound;
         let msg: M = match refctx::decode(&payload, refs, fds) {
@@ -340,28 +343,31 @@ where
             };
         };
         let request = addr.send(msg);
-        Dispatch::Pending(Box::pin(async move {
-            let _guard = guard;
-            Some(match request.await {
-                Ok(value) => reply.reply(&value),
-                Err(MailboxError::Closed) => {
-                    let (mut failure, bt) = entry.panic_failure(M::TYPE.as_str());
-                    // Restart now rather than on the next message.
-                    let _ = entry.current_addr();
-                    if let Some(bt) = bt {
-                        // Symbolizing takes long: not on the arbiter.
-                        failure.backtrace = tokio::task::spawn_blocking(move || bt.to_string())
-                            .await
-                            .ok();
+        Dispatch::Pending(Box::pin(
+            async move {
+                let _guard = guard;
+                Some(match request.await {
+                    Ok(value) => reply.reply(&value),
+                    Err(MailboxError::Closed) => {
+                        let (mut failure, bt) = entry.panic_failure(M::TYPE.as_str());
+                        // Restart now rather than on the next message.
+                        let _ = entry.current_addr();
+                        if let Some(bt) = bt {
+                            // Symbolizing takes long: not on the arbiter.
+                            failure.backtrace = tokio::task::spawn_blocking(move || bt.to_string())
+                                .await
+                                .ok();
+                        }
+                        reply.failed(&failure)
                     }
-                    reply.failed(&failure)
-                }
-                Err(MailboxError::Timeout) => reply.fail(
-                    ReplyStatus::ActorStopped,
-                    "the actor did not answer in time",
-                ),
-            })
-        }))
+                    Err(MailboxError::Timeout) => reply.fail(
+                        ReplyStatus::ActorStopped,
+                        "the actor did not answer in time",
+                    ),
+                })
+            }
+            .instrument(span),
+        ))
     })
 }
 
