@@ -17,14 +17,17 @@
 //!
 //! Every frame travels on its own unidirectional stream, so a large frame
 //! does not hold up small ones (small frames also get a higher send
-//! priority). The receiver reads up to [`QuicConfig::recv_concurrency`]
-//! streams at once and hands frames over **in the order they complete, which
-//! may differ from the order they were sent**: a small frame sent after a
-//! large one usually arrives first. [`LinkCaps::multiplexed`](courier_runtime::transport::LinkCaps::multiplexed) is `true` to
-//! say so; a caller that needs order must number its frames.
+//! priority). Frames of up to [`COALESCE_MAX`](crate::stream::COALESCE_MAX)
+//! bytes carry a sequence number and are handed over **in the order they
+//! were sent**: one that overtakes an earlier small frame is held back until
+//! that one arrives. Larger frames are handed over as soon as they are
+//! complete, so a small frame sent after a large one may arrive before it.
+//! [`LinkCaps::multiplexed`](courier_runtime::transport::LinkCaps::multiplexed)
+//! is `true` to say so.
 //!
-//! Each stream starts with one kind byte: `0` a frame (the payload follows,
-//! the stream's end ends it), `1` END (8 bytes, big-endian: how many frames
+//! Each stream starts with one kind byte: `0` a large frame (the payload
+//! follows, the stream's end ends it), `3` a small frame (an 8-byte
+//! big-endian sequence number among small frames, then the payload), `1` END (8 bytes, big-endian: how many frames
 //! were sent before it), `2` END-ACK (the receiver has handed over every
 //! frame up to END).
 //!

@@ -19,6 +19,11 @@ use super::{quic_address, Shared, CHANNEL_BINDING_LABEL};
 const KIND_FRAME: u8 = 0;
 const KIND_END: u8 = 1;
 const KIND_END_ACK: u8 = 2;
+/// A small frame with its sequence number among small frames: delivered in
+/// that order.
+const KIND_SMALL: u8 = 3;
+/// Small frames held back while an earlier one is still arriving, at most.
+const MAX_HELD: usize = 1024;
 static FRAME_HEAD: [u8; 1] = [KIND_FRAME];
 static END_ACK: [u8; 1] = [KIND_END_ACK];
 
@@ -32,6 +37,7 @@ const STOP_TOO_LARGE: u32 = 1;
 /// What one incoming stream held.
 enum Incoming {
     Frame(Bytes),
+    Small(u64, Bytes),
     End(u64),
     EndAck,
     /// The connection ended cleanly before the stream was read.
@@ -70,11 +76,14 @@ pub(crate) struct QuicLink {
     ops: Vec<SendOp>,
     in_flight: usize,
     frames_sent: u64,
+    small_sent: u64,
     send: SendState,
     accept: Option<BoxFut<'static, Result<RecvStream, ConnectionError>>>,
     reads: Vec<BoxFut<'static, Result<Incoming, TransportError>>>,
     done: VecDeque<Frame>,
     frames_received: u64,
+    next_small: u64,
+    held: std::collections::BTreeMap<u64, Bytes>,
     peer_end: Option<u64>,
     ack: AckState,
     got_end_ack: bool,
@@ -107,11 +116,14 @@ impl QuicLink {
             ops: Vec::new(),
             in_flight: 0,
             frames_sent: 0,
+            small_sent: 0,
             send: SendState::Open,
             accept: None,
             reads: Vec::new(),
             done: VecDeque::new(),
             frames_received: 0,
+            next_small: 0,
+            held: std::collections::BTreeMap::new(),
             peer_end: None,
             ack: AckState::NotSent,
             got_end_ack: false,
@@ -210,16 +222,21 @@ impl Link for QuicLink {
         if len > max {
             return Err(TransportError::TooLarge { len, max });
         }
-        let priority = if len <= crate::stream::COALESCE_MAX {
-            1
+        let small = len <= crate::stream::COALESCE_MAX;
+        let head = if small {
+            let mut h = BytesMut::with_capacity(9);
+            h.extend_from_slice(&[KIND_SMALL]);
+            h.extend_from_slice(&self.small_sent.to_be_bytes());
+            self.small_sent += 1;
+            h.freeze()
         } else {
-            0
+            Bytes::from_static(&FRAME_HEAD)
         };
         let fut = send_stream(
             self.conn.clone(),
-            Bytes::from_static(&FRAME_HEAD),
+            head,
             frame.payload,
-            priority,
+            i32::from(small),
             self.peer.clone(),
         );
         self.ops.push(SendOp {
@@ -334,6 +351,12 @@ impl Link for QuicLink {
                         progress = true;
                         match res {
                             Ok(Incoming::Frame(b)) => self.done.push_back(Frame::new(b)),
+                            Ok(Incoming::Small(seq, b)) => {
+                                if let Err(e) = self.take_small(seq, b) {
+                                    self.fail_recv();
+                                    return Poll::Ready(Some(Err(e)));
+                                }
+                            }
                             Ok(Incoming::End(n)) => {
                                 if self.peer_end.is_some() || n < self.frames_received {
                                     self.fail_recv();
@@ -369,10 +392,23 @@ impl Link for QuicLink {
 }
 
 impl QuicLink {
+    /// Delivers small frames in the order they were sent, holding back
+    /// those that overtook an earlier one.
+    fn take_small(&mut self, seq: u64, body: Bytes) -> Result<(), TransportError> {
+        take_in_order(
+            &mut self.next_small,
+            &mut self.held,
+            seq,
+            body,
+            &mut self.done,
+        )
+    }
+
     fn fail_recv(&mut self) {
         self.recv_done = true;
         self.reads.clear();
         self.done.clear();
+        self.held.clear();
         self.accept = None;
     }
 }
@@ -481,7 +517,7 @@ impl Linger {
                     Some(i) = rx.recv() => match i {
                         Incoming::End(_) => ack(&conn),
                         Incoming::EndAck => return,
-                        Incoming::Frame(_) | Incoming::Nothing => {}
+                        Incoming::Frame(_) | Incoming::Small(..) | Incoming::Nothing => {}
                     },
                 }
             }
@@ -495,6 +531,39 @@ impl Linger {
         conn.close(VarInt::from_u32(code), b"");
         drop(endpoint);
     }
+}
+
+/// Puts small frame `seq` in `out` if it is the next one (then any held
+/// ones that follow it), else holds it back; duplicates and too many held
+/// frames are the peer's framing errors.
+fn take_in_order(
+    next: &mut u64,
+    held: &mut std::collections::BTreeMap<u64, Bytes>,
+    seq: u64,
+    body: Bytes,
+    out: &mut VecDeque<Frame>,
+) -> Result<(), TransportError> {
+    if seq < *next || held.contains_key(&seq) {
+        return Err(TransportError::Framing(format!(
+            "the peer sent small frame {seq} twice"
+        )));
+    }
+    if seq > *next {
+        if held.len() >= MAX_HELD {
+            return Err(TransportError::Framing(format!(
+                "more than {MAX_HELD} frames arrived ahead of frame {next}"
+            )));
+        }
+        held.insert(seq, body);
+        return Ok(());
+    }
+    out.push_back(Frame::new(body));
+    *next += 1;
+    while let Some(b) = held.remove(next) {
+        out.push_back(Frame::new(b));
+        *next += 1;
+    }
+    Ok(())
 }
 
 /// Opens a stream, writes `head` and `body` on it and finishes it. A
@@ -544,8 +613,9 @@ async fn read_stream(
             Ok(Some(chunk)) => {
                 total += chunk.bytes.len();
                 let max = max.load(Ordering::Relaxed);
-                // The kind byte, and room for END's count whatever the limit.
-                if total > (max.saturating_add(1)).max(9) {
+                // The kind byte and a sequence number, and room for END's
+                // count whatever the limit.
+                if total > max.saturating_add(9) {
                     let _ = s.stop(VarInt::from_u32(STOP_TOO_LARGE));
                     return Err(TransportError::TooLarge {
                         len: total - 1,
@@ -585,6 +655,11 @@ async fn read_stream(
             "the peer sent an empty stream".into(),
         )),
         Some(KIND_FRAME) => Ok(Incoming::Frame(body.slice(1..))),
+        Some(KIND_SMALL) if body.len() >= 9 => {
+            let mut n = [0u8; 8];
+            n.copy_from_slice(&body[1..9]);
+            Ok(Incoming::Small(u64::from_be_bytes(n), body.slice(9..)))
+        }
         Some(KIND_END) if body.len() == 9 => {
             let mut n = [0u8; 8];
             n.copy_from_slice(&body[1..9]);
@@ -662,5 +737,54 @@ fn write_error(e: WriteError, peer: &str) -> TransportError {
             format!("send to {peer}"),
             io::Error::other(other.to_string()),
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    #[test]
+    fn small_frames_are_put_back_in_order() {
+        // Every rotation and a reversal of 0..50, arriving in that order.
+        let mut orders: Vec<Vec<u64>> = (0..50)
+            .map(|r| (0..50u64).map(|i| (i + r) % 50).collect())
+            .collect();
+        orders.push((0..50u64).rev().collect());
+        for order in orders {
+            let (mut next, mut held, mut out) = (0, BTreeMap::new(), VecDeque::new());
+            for seq in &order {
+                take_in_order(
+                    &mut next,
+                    &mut held,
+                    *seq,
+                    Bytes::from(seq.to_be_bytes().to_vec()),
+                    &mut out,
+                )
+                .unwrap();
+            }
+            let got: Vec<u64> = out
+                .iter()
+                .map(|f| u64::from_be_bytes(f.payload[..].try_into().unwrap()))
+                .collect();
+            assert_eq!(got, (0..50).collect::<Vec<_>>(), "arrival order {order:?}");
+            assert!(held.is_empty());
+        }
+    }
+
+    #[test]
+    fn duplicates_and_floods_are_framing_errors() {
+        let (mut next, mut held, mut out) = (0, BTreeMap::new(), VecDeque::new());
+        take_in_order(&mut next, &mut held, 0, Bytes::new(), &mut out).unwrap();
+        assert!(take_in_order(&mut next, &mut held, 0, Bytes::new(), &mut out).is_err());
+        take_in_order(&mut next, &mut held, 5, Bytes::new(), &mut out).unwrap();
+        assert!(take_in_order(&mut next, &mut held, 5, Bytes::new(), &mut out).is_err());
+        let (mut next, mut held, mut out) = (0, BTreeMap::new(), VecDeque::new());
+        for seq in 1..=MAX_HELD as u64 {
+            take_in_order(&mut next, &mut held, seq, Bytes::new(), &mut out).unwrap();
+        }
+        assert!(take_in_order(&mut next, &mut held, 10_000, Bytes::new(), &mut out).is_err());
+        assert!(out.is_empty());
     }
 }
