@@ -25,8 +25,12 @@ use courier_runtime::session::{CloseReason, Event, Role, Session};
 use courier_runtime::transport::{Frame, Link, LinkCaps, TransportError};
 use courier_runtime::wire::{ReleaseEntry, ReplyStatus, WireRef, TAG_LEN};
 use tokio::sync::{mpsc, oneshot};
-use tracing::{debug, info, warn};
+use tracing::{debug, field, info, warn, Span};
 
+use futures_util::stream::{FuturesUnordered, StreamExt};
+
+use crate::export::{Dispatch, InboundFut};
+use crate::metrics::Metrics;
 use crate::node::NodeShared;
 use crate::refctx::{OutRef, Resolved};
 
@@ -186,6 +190,14 @@ const BATCH: usize = 64;
 /// How long a closing connection may take to flush.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
 
+/// A call sent and not yet answered.
+struct Pending {
+    reply: oneshot::Sender<Result<ReplyIn, RemoteError>>,
+    sent: Instant,
+    /// `call` span: actor, message type, request id.
+    span: Span,
+}
+
 pub(crate) struct Driver {
     node: Arc<NodeShared>,
     link: Box<dyn Link>,
@@ -200,7 +212,7 @@ pub(crate) struct Driver {
     handle: Option<ConnHandle>,
     established: Option<oneshot::Sender<Result<ConnHandle, RemoteError>>>,
     outq: VecDeque<Frame>,
-    pending: HashMap<u64, oneshot::Sender<Result<ReplyIn, RemoteError>>>,
+    pending: HashMap<u64, Pending>,
     timer: Pin<Box<tokio::time::Sleep>>,
     timer_at: Option<Instant>,
     closing_since: Option<Instant>,
@@ -209,6 +221,18 @@ pub(crate) struct Driver {
     max_inflight: usize,
     /// Set for inbound links while their handshake runs.
     pub(crate) eviction: Option<Arc<Eviction>>,
+    /// Inbound calls being handled: polled here, so a reply goes straight
+    /// into the session without another task or channel.
+    inbound: FuturesUnordered<InboundFut>,
+    /// A one-way delivery waiting for mailbox room; reading waits for it.
+    blocking: Option<InboundFut>,
+    /// `conn` span: id, scheme, remote address, and the peer once known.
+    span: Span,
+    /// Whether reading is paused at the inbound limit (logged once per pause).
+    paused: bool,
+    /// Why the link failed, kept for the error when it fails mid-handshake
+    /// (a QUIC peer refusing our certificate, say).
+    link_error: Option<String>,
 }
 
 fn now() -> Instant {
@@ -247,8 +271,11 @@ impl Driver {
         let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
         let remote = link.peer_addr();
         let max_inflight = node.limits.max_inbound_in_flight;
+        let conn_id = node.next_conn_id();
+        let span = tracing::info_span!("conn", id = conn_id, scheme, remote = %remote, ?role,
+                                       peer = field::Empty);
         Ok(Self {
-            conn_id: node.next_conn_id(),
+            conn_id,
             node,
             link,
             session,
@@ -269,6 +296,11 @@ impl Driver {
             remote,
             max_inflight,
             eviction: None,
+            inbound: FuturesUnordered::new(),
+            blocking: None,
+            span,
+            paused: false,
+            link_error: None,
         })
     }
 
@@ -317,10 +349,24 @@ impl Driver {
                     .send_call(t, target, type_name, &refs, &payload, fds.len() as u8)
                 {
                     Ok(request) => {
-                        self.pending.insert(request, reply);
+                        Metrics::add(&self.node.metrics.calls_out, 1);
+                        let span =
+                            tracing::debug_span!("call", actor = %target, msg = type_name, request);
+                        span.in_scope(|| debug!(bytes = payload.len(), "call sent"));
+                        self.pending.insert(
+                            request,
+                            Pending {
+                                reply,
+                                sent: t,
+                                span,
+                            },
+                        );
                         self.attach_fds(fds);
                     }
                     Err(e) => {
+                        if let RemoteError::LimitReached { what, max } = &e {
+                            warn!(what, max, actor = %target, msg = type_name, "limit reached");
+                        }
                         let _ = reply.send(Err(e));
                     }
                 }
@@ -339,7 +385,10 @@ impl Driver {
                     .session
                     .send_cast(t, target, type_name, &refs, &payload, fds.len() as u8)
                 {
-                    Ok(()) => self.attach_fds(fds),
+                    Ok(()) => {
+                        Metrics::add(&self.node.metrics.calls_out, 1);
+                        self.attach_fds(fds);
+                    }
                     Err(e) => debug!(error = %e, "one-way message dropped"),
                 }
                 drop(hold);
@@ -403,6 +452,7 @@ impl Driver {
 
     fn on_frame(&mut self, frame: Frame) {
         let Frame { payload, fds } = frame;
+        Metrics::add(&self.node.metrics.bytes_in, payload.len() as u64);
         self.session.handle_frame(now(), payload);
         let mut fds = Some(fds);
         while let Some(ev) = self.session.poll_event() {
@@ -437,6 +487,7 @@ impl Driver {
                     close_reason: Mutex::new(None),
                     inflight: AtomicUsize::new(0),
                 }));
+                self.span.record("peer", field::display(handle.0.peer.node));
                 info!(peer = %handle.0.peer.node, key = %handle.0.peer.key_id, remote = %self.remote,
                       mac = self.session.frame_mac(), "peer authenticated");
                 self.node.register_conn(&handle, self.dial.as_deref());
@@ -448,7 +499,16 @@ impl Driver {
             Event::Call(call) | Event::Cast(call) => {
                 let Some(h) = self.handle.clone() else { return };
                 let fds = fds.take().unwrap_or_default();
-                self.node.dispatch_inbound(&h, call, fds);
+                match self.node.dispatch_inbound(&h, call, fds) {
+                    Dispatch::Done => {}
+                    Dispatch::Reply(cmd) => self.on_command(cmd),
+                    Dispatch::Pending(f) => self.inbound.push(f),
+                    Dispatch::Blocking(f) => match &self.blocking {
+                        // Only one at a time: reading stops while it waits.
+                        None => self.blocking = Some(f),
+                        Some(_) => self.inbound.push(f),
+                    },
+                }
             }
             Event::Reply(reply) => {
                 let Some(h) = self.handle.clone() else { return };
@@ -460,8 +520,13 @@ impl Driver {
                     refs,
                     fds,
                 };
-                if let Some(tx) = self.pending.remove(&reply.request) {
-                    let _ = tx.send(Ok(r));
+                if let Some(p) = self.pending.remove(&reply.request) {
+                    let rtt = now().saturating_duration_since(p.sent);
+                    self.node.metrics.latency.record(rtt);
+                    p.span.in_scope(|| {
+                        debug!(status = ?r.status, rtt_us = rtt.as_micros() as u64, "reply received")
+                    });
+                    let _ = p.reply.send(Ok(r));
                 }
                 // Else the caller gave up; dropping `r` releases its refs.
             }
@@ -525,19 +590,30 @@ impl Driver {
         }
         match &self.handle {
             Some(h) => {
-                info!(peer = %h.peer_node(), reason = %text, "connection closed");
+                match &reason {
+                    CloseReason::PeerGoodbye(_) | CloseReason::LocalClose(_) => {
+                        info!(peer = %h.peer_node(), reason = %text, "connection closed")
+                    }
+                    _ => warn!(peer = %h.peer_node(), reason = %text, "connection lost"),
+                }
                 *h.0.close_reason.lock().expect("not poisoned") = Some(text.clone());
                 h.0.closed.store(true, Ordering::Release);
                 let err = h.lost();
-                for (_, tx) in self.pending.drain() {
-                    let _ = tx.send(Err(err.clone()));
+                for (_, p) in self.pending.drain() {
+                    let _ = p.reply.send(Err(err.clone()));
                 }
                 self.node.conn_closed(h);
             }
             None => {
-                let err = match &reason {
-                    CloseReason::Handshake(e) => handshake_error(&self.remote, e),
-                    other => RemoteError::Unreachable {
+                let err = match (&reason, self.link_error.take()) {
+                    (CloseReason::Handshake(HandshakeError::Closed), Some(why)) => {
+                        RemoteError::Unreachable {
+                            address: self.remote.clone(),
+                            reason: format!("the connection failed during the handshake: {why}"),
+                        }
+                    }
+                    (CloseReason::Handshake(e), _) => handshake_error(&self.remote, e),
+                    (other, _) => RemoteError::Unreachable {
                         address: self.remote.clone(),
                         reason: other.to_string(),
                     },
@@ -578,6 +654,7 @@ impl Driver {
             match self.link.poll_ready(cx) {
                 Poll::Ready(Ok(())) => {
                     let f = self.outq.pop_front().expect("not empty");
+                    Metrics::add(&self.node.metrics.bytes_out, f.payload.len() as u64);
                     self.link.start_send(f)?;
                     progress = true;
                 }
@@ -596,6 +673,9 @@ impl Driver {
     }
 
     fn reading_allowed(&self) -> bool {
+        if self.blocking.is_some() {
+            return false;
+        }
         match &self.handle {
             Some(h) => h.0.inflight.load(Ordering::Acquire) < self.max_inflight,
             None => true,
@@ -622,9 +702,28 @@ impl Future for Driver {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let this = &mut *self;
+        let span = this.span.clone();
+        let _entered = span.enter();
         this.check_eviction(cx);
         for _round in 0..32 {
             let mut progress = false;
+
+            // Deliveries finishing: their replies go straight out.
+            if let Some(f) = this.blocking.as_mut() {
+                if let Poll::Ready(cmd) = f.as_mut().poll(cx) {
+                    this.blocking = None;
+                    if let Some(cmd) = cmd {
+                        this.on_command(cmd);
+                    }
+                    progress = true;
+                }
+            }
+            while let Poll::Ready(Some(cmd)) = this.inbound.poll_next_unpin(cx) {
+                if let Some(cmd) = cmd {
+                    this.on_command(cmd);
+                }
+                progress = true;
+            }
 
             // Frames in.
             if !this.link_done && this.reading_allowed() {
@@ -636,6 +735,7 @@ impl Future for Driver {
                         }
                         Poll::Ready(Some(Err(e))) => {
                             this.link_done = true;
+                            this.link_error = Some(e.to_string());
                             this.session.handle_link_lost(e.to_string());
                             progress = true;
                             break;
@@ -660,9 +760,19 @@ impl Future for Driver {
 
             // While reading is paused by our own backpressure, the peer
             // is not to blame for the silence.
-            if !this.reading_allowed() {
+            let allowed = this.reading_allowed();
+            if !allowed {
                 this.session.handle_activity(now());
             }
+            if !allowed && !this.paused {
+                warn!(
+                    max = this.max_inflight,
+                    "limit reached: inbound calls in flight; reading paused"
+                );
+            } else if allowed && this.paused {
+                debug!("reading resumed");
+            }
+            this.paused = !allowed;
 
             // Control commands in (never held back: they are small and
             // must not be lost).
@@ -703,6 +813,7 @@ impl Future for Driver {
                     Ok(p) => progress |= p,
                     Err(e) => {
                         this.link_done = true;
+                        this.link_error = Some(e.to_string());
                         this.session.handle_link_lost(e.to_string());
                         while let Some(ev) = this.session.poll_event() {
                             this.on_event(ev, &mut None);
@@ -764,6 +875,8 @@ impl Future for Driver {
 
 impl Drop for Driver {
     fn drop(&mut self) {
+        let span = self.span.clone();
+        let _entered = span.enter();
         if !self.session.is_closed() {
             self.session.handle_link_lost("the node is shutting down");
             while let Some(ev) = self.session.poll_event() {

@@ -2,20 +2,24 @@
 //! the builder applications use to export an actor.
 
 use std::any::Any;
+use std::backtrace::Backtrace;
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::future::Future;
 use std::os::fd::OwnedFd;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Once, RwLock};
 
 use actix::dev::ToEnvelope;
+use actix::prelude::SendError;
 use actix::{Actor, Addr, Handler, MailboxError};
 use bytes::Bytes;
 use courier_runtime::error::{RemoteError, RemoteFailure};
 use courier_runtime::id::ActorId;
 use courier_runtime::wire::ReplyStatus;
 use serde::Serialize;
-use tracing::{error, warn};
+use tracing::{error, warn, Instrument, Span};
 
 use crate::conn::{Command, ConnHandle};
 use crate::message::{RemoteMessage, RemoteReply};
@@ -34,13 +38,15 @@ pub struct Caller {
 
 /// An inbound call or cast, headed for one exported actor.
 pub(crate) struct Inbound {
-    pub type_name: String,
+    pub type_name: bytes::Bytes,
     pub payload: Bytes,
     pub refs: Vec<Resolved>,
     pub fds: Vec<OwnedFd>,
     pub reply: Option<ReplySink>,
     pub guard: InflightGuard,
     pub caller: Caller,
+    /// The `call` span (actor, message type, request id).
+    pub span: Span,
 }
 
 /// Counts an inbound message in flight on its connection until dropped.
@@ -72,11 +78,11 @@ pub(crate) struct ReplySink {
 }
 
 impl ReplySink {
-    /// Encodes `value` (with any references or descriptors in it) and sends
-    /// it as the reply.
-    pub async fn reply<T: Serialize>(mut self, value: &T) {
+    /// Encodes `value` (with any references or descriptors in it) as the
+    /// reply command for the connection's driver.
+    pub fn reply<T: Serialize>(mut self, value: &T) -> Command {
         self.done = true;
-        let cmd = match refctx::encode(value) {
+        match refctx::encode(value) {
             Ok(enc) => {
                 if !enc.fds.is_empty() && !self.conn.0.caps.carries_fds {
                     self.status_command(
@@ -101,29 +107,26 @@ impl ReplySink {
                 }
             }
             Err(e) => self.status_command(ReplyStatus::BadPayload, &e.to_string()),
-        };
-        let _ = self.conn.send(cmd).await;
+        }
     }
 
-    /// Answers with a failure status and a text.
-    pub async fn fail(mut self, status: ReplyStatus, text: String) {
+    /// A failure status and a text, as the reply command.
+    pub fn fail(mut self, status: ReplyStatus, text: &str) -> Command {
         self.done = true;
-        let cmd = self.status_command(status, &text);
-        let _ = self.conn.send(cmd).await;
+        self.status_command(status, text)
     }
 
-    /// Answers with a handler failure.
-    pub async fn failed(mut self, failure: &RemoteFailure) {
+    /// A handler failure, as the reply command.
+    pub fn failed(mut self, failure: &RemoteFailure) -> Command {
         self.done = true;
-        let cmd = Command::Reply {
+        Command::Reply {
             request: self.request,
             status: ReplyStatus::Failed,
             payload: courier_runtime::codec::encode(failure).unwrap_or_default(),
             refs: Vec::new(),
             hold: Vec::new(),
             fds: Vec::new(),
-        };
-        let _ = self.conn.send(cmd).await;
+        }
     }
 
     fn status_command(&self, status: ReplyStatus, text: &str) -> Command {
@@ -137,6 +140,23 @@ impl ReplySink {
         }
     }
 }
+
+/// Work an inbound message leaves for its connection's driver.
+pub(crate) enum Dispatch {
+    /// Nothing more to do.
+    Done,
+    /// Send this reply now.
+    Reply(Command),
+    /// Poll this until it yields the reply (or nothing, for a cast).
+    Pending(InboundFut),
+    /// Like `Pending`, and read nothing more from the peer until it is done:
+    /// a one-way message met a full mailbox, and later messages must not
+    /// overtake it.
+    Blocking(InboundFut),
+}
+
+/// A delivery in progress, polled by the connection's driver.
+pub(crate) type InboundFut = Pin<Box<dyn Future<Output = Option<Command>>>>;
 
 impl Drop for ReplySink {
     fn drop(&mut self) {
@@ -158,7 +178,7 @@ impl Drop for ReplySink {
 /// An exported actor, whatever its type.
 pub(crate) trait ExportedAny: Send + Sync + 'static {
     /// Decodes and delivers an inbound message.
-    fn dispatch(self: Arc<Self>, inbound: Inbound);
+    fn dispatch(self: Arc<Self>, inbound: Inbound) -> Dispatch;
     /// For turning a local reference back into a typed one.
     fn as_any(self: Arc<Self>) -> Arc<dyn Any + Send + Sync>;
     /// The message types it handles remotely.
@@ -171,7 +191,7 @@ pub(crate) trait ExportedAny: Send + Sync + 'static {
     fn restarts(&self) -> u64;
 }
 
-type HandlerFn<A> = Arc<dyn Fn(Arc<ExportEntry<A>>, Inbound) + Send + Sync>;
+type HandlerFn<A> = Arc<dyn Fn(Arc<ExportEntry<A>>, Inbound) -> Dispatch + Send + Sync>;
 type Factory<A> = Box<dyn Fn() -> Addr<A> + Send + Sync>;
 
 /// One exported actor of type `A`.
@@ -182,6 +202,7 @@ pub(crate) struct ExportEntry<A: Actor> {
     factory: Option<Factory<A>>,
     handlers: HashMap<&'static str, HandlerFn<A>>,
     failure_details: bool,
+    backtraces: bool,
     restarts: AtomicU64,
 }
 
@@ -206,40 +227,46 @@ impl<A: Actor> ExportEntry<A> {
         slot.clone()
     }
 
-    fn panic_failure(&self, type_name: &str) -> RemoteFailure {
-        let detail = take_last_panic();
+    /// The failure a panicked handler reports, and its backtrace (still to
+    /// be symbolized) when this export asked for backtraces.
+    fn panic_failure(&self, type_name: &str) -> (RemoteFailure, Option<Backtrace>) {
+        let (text, backtrace) = match take_last_panic() {
+            Some((t, b)) => (Some(t), b),
+            None => (None, None),
+        };
         error!(
             actor = std::any::type_name::<A>(),
             message = type_name,
-            panic = detail.as_deref().unwrap_or("unknown"),
+            panic = text.as_deref().unwrap_or("unknown"),
             "handler panicked"
         );
         let message = if self.failure_details {
             format!(
                 "the handler of {type_name} panicked: {}",
-                detail.as_deref().unwrap_or("(no message)")
+                text.as_deref().unwrap_or("(no message)")
             )
         } else {
             format!("the handler of {type_name} panicked (details are in the exporting node's log)")
         };
-        RemoteFailure {
+        let failure = RemoteFailure {
             type_name: "panic".into(),
             message,
             backtrace: None,
-        }
+        };
+        (failure, backtrace.filter(|_| self.backtraces))
     }
 }
 
 impl<A: Actor> ExportedAny for ExportEntry<A> {
-    fn dispatch(self: Arc<Self>, inbound: Inbound) {
-        match self.handlers.get(inbound.type_name.as_str()).cloned() {
+    fn dispatch(self: Arc<Self>, inbound: Inbound) -> Dispatch {
+        let name = std::str::from_utf8(&inbound.type_name).unwrap_or("");
+        match self.handlers.get(name).cloned() {
             Some(h) => h(self, inbound),
             None => {
-                let Inbound {
-                    type_name, reply, ..
-                } = inbound;
-                if let Some(r) = reply {
-                    actix::spawn(r.fail(ReplyStatus::UnknownMessage, type_name));
+                let name = name.to_owned();
+                match inbound.reply {
+                    Some(r) => Dispatch::Reply(r.fail(ReplyStatus::UnknownMessage, &name)),
+                    None => Dispatch::Done,
                 }
             }
         }
@@ -283,6 +310,7 @@ where
             reply,
             guard,
             caller,
+            span,
             ..
         } = inbound;
         let msg: M = match refctx::decode(&payload, refs, fds) {
@@ -291,36 +319,59 @@ where
                 m
             }
             Err(e) => {
-                if let Some(r) = reply {
-                    actix::spawn(r.fail(ReplyStatus::BadPayload, e.to_string()));
+                return match reply {
+                    Some(r) => Dispatch::Reply(r.fail(ReplyStatus::BadPayload, &e.to_string())),
+                    None => Dispatch::Done,
                 }
-                return;
             }
         };
-        let request = entry.current_addr().send(msg);
-        actix::spawn(async move {
-            let _guard = guard;
-            match (request.await, reply) {
-                (Ok(value), Some(r)) => r.reply(&value).await,
-                (Ok(_), None) => {}
-                (Err(MailboxError::Closed), r) => {
-                    let failure = entry.panic_failure(M::TYPE.as_str());
-                    // Restart now rather than on the next message.
-                    let _ = entry.current_addr();
-                    if let Some(r) = r {
-                        r.failed(&failure).await;
+        let addr = entry.current_addr();
+        let Some(reply) = reply else {
+            // One-way: straight into the mailbox when it has room.
+            return match addr.try_send(msg) {
+                Ok(()) => Dispatch::Done,
+                Err(SendError::Full(msg)) => {
+                    let req = addr.send(msg);
+                    Dispatch::Blocking(Box::pin(async move {
+                        let _guard = guard;
+                        let _ = req.await;
+                        None
+                    }))
+                }
+                Err(SendError::Closed(msg)) => {
+                    // The actor died; a supervised one is restarted here.
+                    let _ = entry.panic_failure(M::TYPE.as_str());
+                    let _ = entry.current_addr().try_send(msg);
+                    Dispatch::Done
+                }
+            };
+        };
+        let request = addr.send(msg);
+        Dispatch::Pending(Box::pin(
+            async move {
+                let _guard = guard;
+                Some(match request.await {
+                    Ok(value) => reply.reply(&value),
+                    Err(MailboxError::Closed) => {
+                        let (mut failure, bt) = entry.panic_failure(M::TYPE.as_str());
+                        // Restart now rather than on the next message.
+                        let _ = entry.current_addr();
+                        if let Some(bt) = bt {
+                            // Symbolizing takes long: not on the arbiter.
+                            failure.backtrace = tokio::task::spawn_blocking(move || bt.to_string())
+                                .await
+                                .ok();
+                        }
+                        reply.failed(&failure)
                     }
-                }
-                (Err(MailboxError::Timeout), Some(r)) => {
-                    r.fail(
+                    Err(MailboxError::Timeout) => reply.fail(
                         ReplyStatus::ActorStopped,
-                        "the actor did not answer in time".into(),
-                    )
-                    .await
-                }
-                (Err(MailboxError::Timeout), None) => {}
+                        "the actor did not answer in time",
+                    ),
+                })
             }
-        });
+            .instrument(span),
+        ))
     })
 }
 
@@ -332,6 +383,7 @@ pub struct Export<A: Actor> {
     factory: Option<Factory<A>>,
     handlers: HashMap<&'static str, HandlerFn<A>>,
     failure_details: bool,
+    backtraces: bool,
 }
 
 impl<A: Actor> Export<A> {
@@ -342,6 +394,7 @@ impl<A: Actor> Export<A> {
             factory,
             handlers: HashMap::new(),
             failure_details: false,
+            backtraces: false,
         }
     }
 
@@ -357,10 +410,23 @@ impl<A: Actor> Export<A> {
         self
     }
 
-    /// Whether callers see the panic message of a failed handler (off by
-    /// default: they get an opaque failure, and the message is logged here).
+    /// Whether callers see the panic message and backtrace of a failed
+    /// handler (off by default: they get an opaque failure, and the message
+    /// is logged here). Turn it on for trusted peers only.
     pub fn failure_details(mut self, on: bool) -> Self {
         self.failure_details = on;
+        self
+    }
+
+    /// Whether callers also get the backtrace of a panicked handler (off by
+    /// default). Capturing one costs a little on every panic in this
+    /// process once any export asks; symbolizing it runs on a blocking
+    /// thread, not on the node's arbiter.
+    pub fn backtraces(mut self, on: bool) -> Self {
+        self.backtraces = on;
+        if on {
+            WANT_BACKTRACES.store(true, Ordering::Relaxed);
+        }
         self
     }
 
@@ -372,6 +438,7 @@ impl<A: Actor> Export<A> {
             factory: self.factory,
             handlers: self.handlers,
             failure_details: self.failure_details,
+            backtraces: self.backtraces,
             restarts: AtomicU64::new(0),
         });
         (self.node, entry)
@@ -394,7 +461,7 @@ impl<A: Actor> Export<A> {
 }
 
 thread_local! {
-    static LAST_PANIC: RefCell<Option<String>> = const { RefCell::new(None) };
+    static LAST_PANIC: RefCell<Option<(String, Option<Backtrace>)>> = const { RefCell::new(None) };
 }
 
 /// Records panic messages per thread so a failed handler can report one.
@@ -414,12 +481,20 @@ pub(crate) fn install_panic_hook() {
                 .location()
                 .map(|l| format!(" at {}:{}", l.file(), l.line()))
                 .unwrap_or_default();
-            LAST_PANIC.with(|p| *p.borrow_mut() = Some(format!("{msg}{at}")));
+            // Captured (not yet symbolized: that is slow, and done off the
+            // arbiter) only when some exporter asked for backtraces.
+            let bt = WANT_BACKTRACES
+                .load(Ordering::Relaxed)
+                .then(Backtrace::force_capture);
+            LAST_PANIC.with(|p| *p.borrow_mut() = Some((format!("{msg}{at}"), bt)));
             previous(info);
         }));
     });
 }
 
-fn take_last_panic() -> Option<String> {
+/// Whether any export asked for backtraces (see [`Export::backtraces`]).
+static WANT_BACKTRACES: AtomicBool = AtomicBool::new(false);
+
+fn take_last_panic() -> Option<(String, Option<Backtrace>)> {
     LAST_PANIC.with(|p| p.borrow_mut().take())
 }

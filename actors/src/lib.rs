@@ -4,7 +4,7 @@
 //! node through a typed [`RemoteAddr`], over any transport Courier has
 //! (`tcp://`, `unix://`, `quic://`, `fd://`).
 //!
-//! ```no_run
+//! ```
 //! use actix::prelude::*;
 //! use serde::{Deserialize, Serialize};
 //!
@@ -42,16 +42,48 @@
 //! [`RemoteAddr::send`], and [`RemoteError`] for what can go wrong. The
 //! protocol itself lives in `courier-runtime`; the wires in
 //! `courier-transports`.
+//!
+//! # Operating a node
+//!
+//! - [`Config`] picks listen addresses, peers, the cookie, QUIC
+//!   certificates and pins, heartbeats and limits per deployment, from a
+//!   TOML file, `COURIER_*` environment variables and code, each layer
+//!   overriding the one before ([`NodeBuilder::config`] applies it).
+//! - Every node exports a node-info actor ([`info`]) that tells
+//!   authenticated peers its names, peers, who holds references to its
+//!   actors, and its counters ([`Node::stats`]).
+//! - Logs and spans go through `tracing`: a `conn` span per connection
+//!   (peer, remote address, scheme) and a `call` span per call (actor,
+//!   message type, request id).
+//! - The `courier` command (`cargo install`able from this package) runs a
+//!   standalone node with an [`echo`] actor, makes keys, and pings, lists,
+//!   reads the counters of, and benchmarks any node.
+//!
+//! # Cargo features
+//!
+//! - `transports` (default): use `courier-transports` when no transport is
+//!   given, and build QUIC transports from a [`Config`].
+//! - `toml`: read [`Config`] from TOML files.
+//! - `cli` (default): the `courier` command (clap, indicatif,
+//!   tracing-subscriber, serde_json, and `toml`). Library users can turn it
+//!   off with `default-features = false, features = ["transports"]`.
 
+#![deny(missing_docs)]
+
+pub mod config;
 mod conn;
 pub mod cookie;
+pub mod echo;
 mod export;
+pub mod info;
 mod message;
+mod metrics;
 mod node;
 mod refctx;
 mod remote;
 mod spawn;
 
+pub use config::{Config, ConfigError};
 pub use courier_runtime::error::{DeadReason, RemoteError, RemoteFailure};
 pub use courier_runtime::handshake::{Key, Keyring};
 pub use courier_runtime::id::{ActorId, Incarnation, LocalId, MessageType, NodeId};
@@ -59,12 +91,13 @@ pub use courier_runtime::session::Role;
 pub use courier_runtime::transport::{Address, Transport};
 pub use export::{Caller, Export};
 pub use message::{RemoteMessage, RemoteReply};
+pub use metrics::LatencySummary;
 pub use node::{
     ActorDown, ExportSummary, FrameMac, Limits, Node, NodeBuilder, NodeDown, NodeStats,
     PeerSummary, Supervisor,
 };
 pub use refctx::Fd;
-pub use remote::{RemoteAddr, Request};
+pub use remote::{RemoteAddr, RemoteRecipient, Request};
 pub use spawn::{worker_link_from_env, Worker, WORKER_ENV};
 
 #[cfg(feature = "transports")]

@@ -19,14 +19,17 @@ use courier_runtime::refs::{Exports, HandOff, Holder, Imports};
 use courier_runtime::session::{Role, SessionConfig};
 use courier_runtime::transport::{Address, Link, LinkCaps, Listener, Transport};
 use courier_runtime::wire::{self, features, Call, ReleaseEntry, ReplyStatus, WireRef};
-use serde::{Serialize, Serializer};
+use serde::{Deserialize, Serialize, Serializer};
 use tokio::sync::oneshot;
 use tracing::{debug, info, warn};
 
 use crate::conn::{Command, ConnHandle, Driver, Eviction, ReplyIn};
 use crate::export::{
-    install_panic_hook, Caller, Export, ExportEntry, ExportedAny, Inbound, InflightGuard, ReplySink,
+    install_panic_hook, Caller, Dispatch, Export, ExportEntry, ExportedAny, Inbound, InflightGuard,
+    ReplySink,
 };
+use crate::info::NODE_INFO;
+use crate::metrics::{LatencySummary, Metrics};
 use crate::refctx::{self, OutRef, Resolved};
 use crate::remote::{Imported, RemoteAddr};
 
@@ -111,20 +114,31 @@ pub struct ExportSummary {
 }
 
 /// Counters of a node.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct NodeStats {
     /// Established connections.
     pub connections: usize,
-    /// Exported actors (the registry included).
+    /// Exported actors (the root and node-info actors left out).
     pub exports: usize,
+    /// References to those actors peers hold (the sum of every holder's
+    /// count; summed on each call, so it costs a pass over the exports).
+    pub exported_refs: u64,
     /// Imported actors not yet released.
     pub imports: usize,
-    /// Calls received.
+    /// Calls and one-way messages received.
     pub calls_in: u64,
+    /// Calls and one-way messages sent.
+    pub calls_out: u64,
+    /// Frame bytes received from peers.
+    pub bytes_in: u64,
+    /// Frame bytes sent to peers.
+    pub bytes_out: u64,
     /// Peers lost (connections that ended).
     pub peers_lost: u64,
     /// Handshakes that failed.
     pub handshakes_failed: u64,
+    /// Round trips of the calls this node made.
+    pub latency: LatencySummary,
 }
 
 /// A watched remote actor stopped or became unreachable.
@@ -183,6 +197,7 @@ pub(crate) struct NodeShared {
     calls_in: AtomicU64,
     peers_lost: AtomicU64,
     handshakes_failed: AtomicU64,
+    pub(crate) metrics: Metrics,
     shut: AtomicBool,
     /// Wakes the accept loops at shutdown, so they drop their listeners
     /// (and the node they hold).
@@ -330,6 +345,8 @@ impl NodeShared {
             let nm = st.node_monitors.remove(&peer).unwrap_or_default();
             (am, nm)
         };
+        info!(peer = %peer, reason = %reason, dead_refs = dead_inners.len(), freed_exports = freed.len(),
+              "peer down: its references are dead, its holds released");
         for i in &dead_inners {
             i.mark_dead(DeadReason::NodeUnreachable);
         }
@@ -611,6 +628,7 @@ impl NodeShared {
                     match st.exports.note_sent(id.local, peer) {
                         Ok(()) => counted.push(id.local),
                         Err(RefError::TooManyRefs { max, .. }) => {
+                            warn!(peer = %peer, max, "limit reached: references one peer may hold");
                             failure = Some(RemoteError::LimitReached {
                                 what: "references one peer may hold from this node",
                                 max,
@@ -748,16 +766,25 @@ impl NodeShared {
         Ok(id)
     }
 
-    /// Handles a call or cast that arrived on `h`.
+    /// Handles a call or cast that arrived on `h`; returns what is left
+    /// for the driver to do.
     pub(crate) fn dispatch_inbound(
         self: &Arc<Self>,
         h: &ConnHandle,
         call: Call,
         fds: Vec<OwnedFd>,
-    ) {
+    ) -> Dispatch {
         self.calls_in.fetch_add(1, Ordering::Relaxed);
-        let refs = self.resolve_refs(h, &call.refs);
         let request = call.header.request;
+        let actor = ActorId {
+            node: self.id,
+            incarnation: call.header.incarnation,
+            local: call.header.target,
+        };
+        let span = tracing::debug_span!("call", %actor, msg = call.type_name(), request);
+        let _entered = span.enter();
+        debug!(bytes = call.payload.len(), "call received");
+        let refs = self.resolve_refs(h, &call.refs);
         let reply = (request != 0).then(|| ReplySink {
             conn: h.clone(),
             node: self.clone(),
@@ -765,13 +792,13 @@ impl NodeShared {
             done: false,
         });
         if fds.len() != call.header.fds as usize {
-            if let Some(r) = reply {
-                actix::spawn(r.fail(
+            return match reply {
+                Some(r) => Dispatch::Reply(r.fail(
                     ReplyStatus::BadPayload,
-                    "the descriptors announced did not arrive with the message".into(),
-                ));
-            }
-            return;
+                    "the descriptors announced did not arrive with the message",
+                )),
+                None => Dispatch::Done,
+            };
         }
         let target = if call.header.incarnation != self.incarnation {
             Err(ReplyStatus::ActorStopped)
@@ -785,7 +812,7 @@ impl NodeShared {
         };
         match target {
             Ok(t) => t.dispatch(Inbound {
-                type_name: call.type_name().to_owned(),
+                type_name: call.type_name,
                 payload: call.payload,
                 refs,
                 fds,
@@ -795,13 +822,15 @@ impl NodeShared {
                     node: h.peer_node(),
                     key_id: h.0.peer.key_id.clone(),
                 },
+                span: span.clone(),
             }),
-            Err(status) => {
-                if let Some(r) = reply {
+            Err(status) => match reply {
+                Some(r) => {
                     let text = format!("no actor {} on this node", call.header.target);
-                    actix::spawn(r.fail(status, text));
+                    Dispatch::Reply(r.fail(status, &text))
                 }
-            }
+                None => Dispatch::Done,
+            },
         }
     }
 
@@ -1020,9 +1049,10 @@ pub struct NodeBuilder {
     liveness: LivenessConfig,
     handshake_timeout: Duration,
     frame_mac: FrameMac,
-    limits: Limits,
+    pub(crate) limits: Limits,
     transport: Option<Arc<dyn Transport>>,
     links: Vec<(Box<dyn Link>, Role, &'static str)>,
+    peers: Vec<String>,
     error: Option<String>,
 }
 
@@ -1039,6 +1069,7 @@ impl Default for NodeBuilder {
             limits: Limits::default(),
             transport: None,
             links: Vec::new(),
+            peers: Vec::new(),
             error: None,
         }
     }
@@ -1117,6 +1148,13 @@ impl NodeBuilder {
         self
     }
 
+    /// Connects to the node at `addr` once the node has started, in the
+    /// background (a failure is logged; a later lookup connects on demand).
+    pub fn peer(mut self, addr: impl Into<String>) -> Self {
+        self.peers.push(addr.into());
+        self
+    }
+
     /// Starts the node inside the current actix system: binds every listen
     /// address, starts the supervisor, and accepts connections.
     pub async fn start(self) -> Result<Node, RemoteError> {
@@ -1185,6 +1223,7 @@ impl NodeBuilder {
             calls_in: AtomicU64::new(0),
             peers_lost: AtomicU64::new(0),
             handshakes_failed: AtomicU64::new(0),
+            metrics: Metrics::default(),
             shut: AtomicBool::new(false),
             stop_accepting: tokio::sync::Notify::new(),
         });
@@ -1197,6 +1236,10 @@ impl NodeBuilder {
             let rid = st.exports.export(root, true);
             debug_assert_eq!(rid.local, LocalId::ROOT);
         }
+        // The node-info actor, answering `courier ls` and `courier stats`.
+        crate::info::export_node_info(&Node {
+            shared: shared.clone(),
+        })?;
         let sup = Supervisor {
             node: Arc::downgrade(&shared),
         }
@@ -1221,6 +1264,15 @@ impl NodeBuilder {
         for (link, role, scheme) in self.links {
             shared.handshaking.fetch_add(1, Ordering::AcqRel);
             drop(shared.spawn_driver(link, role, scheme, None));
+        }
+        for addr in self.peers {
+            let node = shared.clone();
+            actix::spawn(async move {
+                match node.connect_addr(&addr).await {
+                    Ok(c) => info!(peer = %c.peer_node(), address = %addr, "connected to peer"),
+                    Err(e) => warn!(address = %addr, error = %e, "could not connect to peer"),
+                }
+            });
         }
         Ok(Node { shared })
     }
@@ -1396,13 +1448,15 @@ impl Node {
     }
 
     /// Every exported actor, with who holds references to it (the leak
-    /// detector's view). The root actor (slot 0) is left out.
+    /// detector's view). The built-in actors (the root in slot 0 and the
+    /// node-info actor, see [`crate::info`]) are left out.
     pub fn exports(&self) -> Vec<ExportSummary> {
         let st = self.shared.lock();
         let names: HashMap<LocalId, &String> = st.names.iter().map(|(n, l)| (*l, n)).collect();
+        let info = st.names.get(NODE_INFO).copied();
         st.exports
             .iter()
-            .filter(|(id, _, _)| id.local != LocalId::ROOT)
+            .filter(|(id, _, _)| id.local != LocalId::ROOT && Some(id.local) != info)
             .map(|(id, v, holders)| ExportSummary {
                 id,
                 actor_type: v.actor_type(),
@@ -1417,13 +1471,27 @@ impl Node {
     /// Counters.
     pub fn stats(&self) -> NodeStats {
         let st = self.shared.lock();
+        let info = st.names.get(NODE_INFO).copied();
+        let builtin = 1 + usize::from(info.is_some());
+        let exported_refs = st
+            .exports
+            .iter()
+            .filter(|(id, _, _)| Some(id.local) != info)
+            .flat_map(|(_, _, holders)| holders.iter().map(|h| h.count))
+            .sum();
+        let m = &self.shared.metrics;
         NodeStats {
             connections: st.conns.values().map(Vec::len).sum(),
-            exports: st.exports.len() - 1,
+            exports: st.exports.len().saturating_sub(builtin),
+            exported_refs,
             imports: st.imports.len(),
             calls_in: self.shared.calls_in.load(Ordering::Relaxed),
+            calls_out: Metrics::get(&m.calls_out),
+            bytes_in: Metrics::get(&m.bytes_in),
+            bytes_out: Metrics::get(&m.bytes_out),
             peers_lost: self.shared.peers_lost.load(Ordering::Relaxed),
             handshakes_failed: self.shared.handshakes_failed.load(Ordering::Relaxed),
+            latency: m.latency.summary(),
         }
     }
 
@@ -1532,14 +1600,16 @@ impl Serialize for LocalRef {
 }
 
 impl ExportedAny for Root {
-    fn dispatch(self: Arc<Self>, inbound: Inbound) {
-        let Some(reply) = inbound.reply else { return };
-        let Some(node) = self.node.upgrade() else {
-            return;
+    fn dispatch(self: Arc<Self>, inbound: Inbound) -> Dispatch {
+        let Some(reply) = inbound.reply else {
+            return Dispatch::Done;
         };
-        if inbound.type_name != LOOKUP {
-            actix::spawn(reply.fail(ReplyStatus::UnknownMessage, inbound.type_name));
-            return;
+        let Some(node) = self.node.upgrade() else {
+            return Dispatch::Done;
+        };
+        if &inbound.type_name[..] != LOOKUP.as_bytes() {
+            let name = String::from_utf8_lossy(&inbound.type_name).into_owned();
+            return Dispatch::Reply(reply.fail(ReplyStatus::UnknownMessage, &name));
         }
         let found = courier_runtime::codec::decode::<String>(&inbound.payload)
             .ok()
@@ -1547,16 +1617,10 @@ impl ExportedAny for Root {
                 let st = node.lock();
                 st.names.get(&name).map(|l| st.exports.id(*l))
             });
-        actix::spawn(async move {
-            match found {
-                Some(id) => reply.reply(&LocalRef(id)).await,
-                None => {
-                    reply
-                        .fail(ReplyStatus::UnknownActor, "no actor by that name".into())
-                        .await
-                }
-            }
-        });
+        Dispatch::Reply(match found {
+            Some(id) => reply.reply(&LocalRef(id)),
+            None => reply.fail(ReplyStatus::UnknownActor, "no actor by that name"),
+        })
     }
 
     fn as_any(self: Arc<Self>) -> Arc<dyn std::any::Any + Send + Sync> {

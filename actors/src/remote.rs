@@ -478,3 +478,94 @@ impl<'de, A: Actor> Deserialize<'de> for RemoteAddr<A> {
         Self::from_resolved(resolved).map_err(D::Error::custom)
     }
 }
+
+trait RecipientInner<M: RemoteMessage>: Send + Sync
+where
+    M::Result: RemoteReply,
+{
+    fn send(&self, msg: M) -> Request<M::Result>;
+    fn do_send(&self, msg: M) -> Result<(), RemoteError>;
+    fn id(&self) -> Option<ActorId>;
+}
+
+impl<A, M> RecipientInner<M> for RemoteAddr<A>
+where
+    A: Actor + Handler<M>,
+    A::Context: ToEnvelope<A, M>,
+    M: RemoteMessage,
+    M::Result: RemoteReply,
+{
+    fn send(&self, msg: M) -> Request<M::Result> {
+        RemoteAddr::send(self, msg)
+    }
+    fn do_send(&self, msg: M) -> Result<(), RemoteError> {
+        RemoteAddr::do_send(self, msg)
+    }
+    fn id(&self) -> Option<ActorId> {
+        RemoteAddr::id(self)
+    }
+}
+
+/// A reference typed by one message it accepts, whatever the actor (like
+/// actix's `Recipient<M>`). Made with [`RemoteAddr::recipient`].
+pub struct RemoteRecipient<M: RemoteMessage>
+where
+    M::Result: RemoteReply,
+{
+    inner: Arc<dyn RecipientInner<M>>,
+}
+
+impl<M: RemoteMessage> Clone for RemoteRecipient<M>
+where
+    M::Result: RemoteReply,
+{
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl<M: RemoteMessage> fmt::Debug for RemoteRecipient<M>
+where
+    M::Result: RemoteReply,
+{
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "RemoteRecipient<{}>({:?})", M::TYPE, self.inner.id())
+    }
+}
+
+impl<M: RemoteMessage> RemoteRecipient<M>
+where
+    M::Result: RemoteReply,
+{
+    /// Sends `msg` and waits for the reply (see [`RemoteAddr::send`]).
+    pub fn send(&self, msg: M) -> Request<M::Result> {
+        self.inner.send(msg)
+    }
+
+    /// Sends `msg` one way (see [`RemoteAddr::do_send`]).
+    pub fn do_send(&self, msg: M) -> Result<(), RemoteError> {
+        self.inner.do_send(msg)
+    }
+
+    /// The actor's id (see [`RemoteAddr::id`]).
+    pub fn id(&self) -> Option<ActorId> {
+        self.inner.id()
+    }
+}
+
+impl<A: Actor> RemoteAddr<A> {
+    /// A reference to the same actor, typed only by the message `M`.
+    pub fn recipient<M>(&self) -> RemoteRecipient<M>
+    where
+        A: Handler<M>,
+        A::Context: ToEnvelope<A, M>,
+        M: RemoteMessage,
+        M::Result: RemoteReply,
+    {
+        RemoteRecipient {
+            inner: Arc::new(self.clone()),
+        }
+    }
+}

@@ -1,6 +1,30 @@
 //! Actors and helpers shared by the example programs.
 //!
-//! Each program in `src/bin/` is described in `examples/README.md`.
+//! Each program in `src/bin/` is described in `examples/README.md`. The
+//! key-value store, for example, served and called in one process:
+//!
+//! ```
+//! use courier_examples::{export_store, Fetch, Incr, Store, EXAMPLE_COOKIE};
+//!
+//! # fn main() -> Result<(), courier::RemoteError> {
+//! actix::System::new().block_on(async {
+//!     let server = courier::Node::builder()
+//!         .cookie(EXAMPLE_COOKIE)
+//!         .listen("tcp://127.0.0.1:0")
+//!         .start()
+//!         .await?;
+//!     export_store(&server, "kv")?;
+//!     let addr = server.local_addrs()[0].to_string();
+//!     let client = courier::Node::builder().cookie(EXAMPLE_COOKIE).start().await?;
+//!     let kv = client.lookup::<Store>(&addr, "kv").await?;
+//!     assert_eq!(kv.send(Incr { key: "visits".into(), by: 2 }).await?, Ok(2));
+//!     assert_eq!(kv.send(Fetch("visits".into())).await?, Some(2));
+//!     Ok(())
+//! })
+//! # }
+//! ```
+
+#![deny(missing_docs)]
 
 use std::collections::BTreeMap;
 use std::path::Path;

@@ -55,6 +55,7 @@
 //! acknowledgement and frames are numbered for the MAC).
 
 #![forbid(unsafe_code)]
+#![deny(missing_docs)]
 
 pub mod codec;
 pub mod error;

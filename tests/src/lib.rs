@@ -1,5 +1,23 @@
 //! Actors and helpers shared by Courier's end-to-end tests and the
 //! `courier-test-node` program they start as a separate process.
+//!
+//! A test starts nodes with the shared test cookie and short heartbeats,
+//! exports the counter, and calls it:
+//!
+//! ```
+//! use courier_tests::{export_counter, node, Add, Counter};
+//!
+//! actix::System::new().block_on(async {
+//!     let server = node(Some("tcp://127.0.0.1:0")).await;
+//!     export_counter(&server, "counter");
+//!     let addr = server.local_addrs()[0].to_string();
+//!     let client = node(None).await;
+//!     let counter = client.lookup::<Counter>(&addr, "counter").await.unwrap();
+//!     assert_eq!(counter.send(Add(5)).await.unwrap(), Ok(5));
+//! });
+//! ```
+
+#![deny(missing_docs)]
 
 use std::os::fd::AsFd;
 use std::time::Duration;
@@ -183,6 +201,7 @@ pub fn export_counter(node: &Node, name: &str) -> RemoteAddr<Counter> {
         .handles::<Blob>()
         .handles::<WhoAmI>()
         .failure_details(true)
+        .backtraces(true)
         .register(name)
         .expect("name is free")
 }

@@ -11,6 +11,11 @@ use courier_tests::*;
 const WAIT: Duration = Duration::from_secs(10);
 
 fn run<F: std::future::Future<Output = ()>>(f: F) {
+    if std::env::var_os("COURIER_TEST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_env("COURIER_TEST_LOG"))
+            .try_init();
+    }
     actix::System::new().block_on(f);
 }
 
@@ -36,6 +41,11 @@ fn typed_reply_typed_error_and_one_way() {
         // One-way messages on one connection arrive in order, before the
         // call sent after them.
         assert_eq!(counter.send(Get).await.unwrap(), 15);
+        // Typed by the message only, like actix's Recipient.
+        let adder: courier::RemoteRecipient<Add> = counter.recipient();
+        assert_eq!(adder.send(Add(5)).await.unwrap(), Ok(20));
+        adder.do_send(Add(1)).unwrap();
+        assert_eq!(counter.send(Get).await.unwrap(), 21);
     });
 }
 
@@ -75,6 +85,7 @@ fn a_panicking_actor_is_restarted_and_keeps_its_id() {
         };
         assert_eq!(f.type_name, "panic");
         assert!(f.message.contains("asked to crash"), "{}", f.message);
+        assert!(f.backtrace.is_some(), "the exporter opted in to details");
         // Same reference, same id, a fresh actor behind it.
         assert_eq!(counter.send(Add(1)).await.unwrap(), Ok(1));
         assert_eq!(counter.id(), id);

@@ -6,6 +6,7 @@ use std::io::Read;
 use std::os::fd::OwnedFd;
 use std::time::{Duration, Instant};
 
+use actix::Actor;
 use courier::{DeadReason, Fd, RemoteError};
 use courier_tests::*;
 use rustix::process::Signal;
@@ -69,6 +70,10 @@ fn kill_9_fails_pending_calls_and_kills_references() {
         let b = TestNode::start(BIN, &["tcp://127.0.0.1:0"]);
         let counter = a.lookup::<Counter>(&b.addr, "counter").await.unwrap();
         assert_eq!(counter.send(Add(1)).await.unwrap(), Ok(1));
+        let downs = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let w = Downs(downs.clone()).start();
+        a.monitor(&counter, w.clone().recipient());
+        a.monitor_node(counter.id().unwrap().node, w.recipient());
         let pending = actix::spawn(counter.send(Slow(60_000)));
         tokio::time::sleep(Duration::from_millis(100)).await;
         let t = Instant::now();
@@ -90,7 +95,29 @@ fn kill_9_fails_pending_calls_and_kills_references() {
         );
         assert_eq!(a.stats().imports, 0, "nothing held for the dead peer");
         assert!(a.peers().is_empty());
+        assert!(
+            eventually(SLACK, || downs.lock().unwrap().len() == 2).await,
+            "both monitors fired: {:?}",
+            downs.lock().unwrap()
+        );
     });
+}
+
+struct Downs(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
+impl actix::Actor for Downs {
+    type Context = actix::Context<Self>;
+}
+impl actix::Handler<courier::ActorDown> for Downs {
+    type Result = ();
+    fn handle(&mut self, m: courier::ActorDown, _: &mut actix::Context<Self>) {
+        self.0.lock().unwrap().push(format!("actor {:?}", m.reason));
+    }
+}
+impl actix::Handler<courier::NodeDown> for Downs {
+    type Result = ();
+    fn handle(&mut self, m: courier::NodeDown, _: &mut actix::Context<Self>) {
+        self.0.lock().unwrap().push(format!("node {}", m.reason));
+    }
 }
 
 #[test]

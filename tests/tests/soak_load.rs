@@ -143,7 +143,9 @@ async fn thousand_round(conns: usize, rounds: usize) -> (Duration, Duration, usi
     // Shutdown stops listening: the port refuses new connections.
     let hp = addr.trim_start_matches("tcp://").to_owned();
     assert!(
-        eventually(Duration::from_secs(5), || std::net::TcpStream::connect(&hp).is_err()).await,
+        eventually(Duration::from_secs(5), || std::net::TcpStream::connect(&hp)
+            .is_err())
+        .await,
         "{addr} still accepts connections after shutdown"
     );
     (connected, took, peak.0, peak.1)

@@ -17,24 +17,28 @@
 //! Build one [`AnyTransport`] and hand it to the actors layer as
 //! `Arc<dyn Transport>`; it dispatches on the scheme of each address:
 //!
-//! ```no_run
-//! # async fn demo(peer_fingerprint: &str) -> Result<(), Box<dyn std::error::Error>> {
+//! ```
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(async {
 //! use std::sync::Arc;
 //! use courier_runtime::transport::{Address, Frame, Transport};
 //! use courier_transports::quic::{Identity, PeerTrust, QuicConfig};
 //! use courier_transports::{AnyTransport, LinkExt, ListenerExt};
 //!
 //! // QUIC needs an identity (kept in a directory across restarts) and a
-//! // trust policy; TCP, Unix and fd work without configuration.
-//! let identity = Identity::load_or_generate("/var/lib/mynode/tls".as_ref(), "mynode")?;
+//! // trust policy; TCP, Unix and fd work without configuration. Here both
+//! // ends share one certificate and pin it.
+//! let dir = std::env::temp_dir().join(format!("courier-doc-{}", std::process::id()));
+//! let identity = Identity::load_or_generate(&dir, "localhost")?;
 //! println!("peers pin us with {}", identity.fingerprint());
-//! let trust = PeerTrust::pinned([peer_fingerprint.parse()?]);
+//! let trust = PeerTrust::pinned([identity.fingerprint()]);
 //! let transport: Arc<dyn Transport> = Arc::new(
 //!     AnyTransport::builder()
 //!         .quic(QuicConfig::new(identity, trust))
 //!         .build()?,
 //! );
 //!
+//! // The same code for every scheme: try "quic://127.0.0.1:0".
 //! let mut listener = transport.listen(&"tcp://127.0.0.1:0".parse()?).await?;
 //! let mut link = transport.connect(&listener.local_addr()).await?;
 //! let mut accepted = listener.accept().await?;
@@ -42,8 +46,18 @@
 //! accepted.set_max_frame_len(courier_runtime::frame::HANDSHAKE_MAX_FRAME);
 //! link.send(Frame::new(&b"hello"[..])).await?;
 //! assert_eq!(&accepted.recv().await.unwrap()?.payload[..], b"hello");
-//! # Ok(()) }
+//! # std::fs::remove_dir_all(&dir)?;
+//! # Ok::<_, Box<dyn std::error::Error>>(())
+//! # })
+//! # }
 //! ```
+//!
+//! Every link and listener must be created and polled inside a tokio
+//! runtime. An error from [`Listener::poll_accept`] concerns one incoming
+//! connection (for example `EMFILE`); keep accepting unless it is
+//! `TransportError::Closed`. Links start with the transport's full frame
+//! limit: lower it with [`Link::set_max_frame_len`] before the first
+//! `poll_recv` on an unauthenticated link.
 //!
 //! Stream links (TCP, Unix, fd) share one implementation in [`stream`]: its
 //! module docs give the wire format, including how descriptors are tied to
@@ -67,6 +81,7 @@
 //! [`Frame`]: courier_runtime::transport::Frame
 //! [`LinkCaps`]: courier_runtime::transport::LinkCaps
 
+#![deny(missing_docs)]
 // With some transports compiled out, helpers shared by the stream
 // transports (framing, descriptor I/O) go partly unused.
 #![cfg_attr(

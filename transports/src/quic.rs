@@ -17,14 +17,17 @@
 //!
 //! Every frame travels on its own unidirectional stream, so a large frame
 //! does not hold up small ones (small frames also get a higher send
-//! priority). The receiver reads up to [`QuicConfig::recv_concurrency`]
-//! streams at once and hands frames over **in the order they complete, which
-//! may differ from the order they were sent**: a small frame sent after a
-//! large one usually arrives first. [`LinkCaps::multiplexed`] is `true` to
-//! say so; a caller that needs order must number its frames.
+//! priority). Frames of up to [`COALESCE_MAX`](crate::stream::COALESCE_MAX)
+//! bytes carry a sequence number and are handed over **in the order they
+//! were sent**: one that overtakes an earlier small frame is held back until
+//! that one arrives. Larger frames are handed over as soon as they are
+//! complete, so a small frame sent after a large one may arrive before it.
+//! [`LinkCaps::multiplexed`](courier_runtime::transport::LinkCaps::multiplexed)
+//! is `true` to say so.
 //!
-//! Each stream starts with one kind byte: `0` a frame (the payload follows,
-//! the stream's end ends it), `1` END (8 bytes, big-endian: how many frames
+//! Each stream starts with one kind byte: `0` a large frame (the payload
+//! follows, the stream's end ends it), `3` a small frame (an 8-byte
+//! big-endian sequence number among small frames, then the payload), `1` END (8 bytes, big-endian: how many frames
 //! were sent before it), `2` END-ACK (the receiver has handed over every
 //! frame up to END).
 //!
@@ -38,6 +41,13 @@
 //! dropping it without `poll_close` closes the connection at once (the peer
 //! sees an error). No file descriptors travel over QUIC.
 //!
+//! # Endpoints
+//!
+//! A listener owns one UDP endpoint; each outgoing connection gets its own
+//! client endpoint (an ephemeral UDP port), kept as long as the link. A
+//! listener drives handshakes only while it is polled for `poll_accept`, and
+//! refuses new connections once dropped (accepted links keep working).
+//!
 //! # Backpressure and memory
 //!
 //! `poll_ready` is `Pending` while more than [`QuicConfig::send_budget`]
@@ -46,7 +56,6 @@
 //! most 16 MiB per connection, and frames being read take at most
 //! `recv_concurrency` times the frame limit.
 
-use std::collections::VecDeque;
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
@@ -54,15 +63,18 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
 use courier_runtime::frame::DEFAULT_MAX_FRAME;
 use courier_runtime::transport::{
-    Address, AddressError, BoxFut, Frame, Link, LinkCaps, Listener, Transport, TransportError,
+    Address, AddressError, BoxFut, Link, Listener, Transport, TransportError,
 };
-use quinn::{Connection, ConnectionError, Endpoint, ReadError, RecvStream, VarInt, WriteError};
+use quinn::{Connection, Endpoint, VarInt};
 
+mod link;
+mod raw;
 mod tls;
 
+use link::{conn_error, QuicLink};
+pub use raw::{raw_stream_pair, RawStream};
 pub use tls::{Fingerprint, FingerprintError, Identity, PeerTrust};
 
 /// The label under which [`Link::channel_binding`] exports keying material.
@@ -70,19 +82,6 @@ pub const CHANNEL_BINDING_LABEL: &[u8] = b"EXPORTER-courier-handshake";
 
 /// The ALPN protocol both ends must speak.
 pub const ALPN: &[u8] = b"courier/1";
-
-const KIND_FRAME: u8 = 0;
-const KIND_END: u8 = 1;
-const KIND_END_ACK: u8 = 2;
-static FRAME_HEAD: [u8; 1] = [KIND_FRAME];
-static END_ACK: [u8; 1] = [KIND_END_ACK];
-
-/// Connection close codes.
-const CLOSE_DONE: u32 = 0;
-const CLOSE_DROPPED: u32 = 1;
-const CLOSE_LINGER_TIMEOUT: u32 = 2;
-/// Stream stop code: the frame was over our limit.
-const STOP_TOO_LARGE: u32 = 1;
 
 /// Most streams a peer may have open toward us.
 const MAX_STREAMS: u32 = 64;
@@ -143,10 +142,10 @@ pub struct QuicTransport {
     shared: Arc<Shared>,
 }
 
-struct Shared {
-    cfg: QuicConfig,
-    client: quinn::ClientConfig,
-    server: quinn::ServerConfig,
+pub(crate) struct Shared {
+    pub(crate) cfg: QuicConfig,
+    pub(crate) client: quinn::ClientConfig,
+    pub(crate) server: quinn::ServerConfig,
 }
 
 impl fmt::Debug for QuicTransport {
@@ -210,7 +209,7 @@ impl QuicTransport {
     }
 }
 
-fn transport_config(cfg: &QuicConfig) -> Result<quinn::TransportConfig, TransportError> {
+pub(crate) fn transport_config(cfg: &QuicConfig) -> Result<quinn::TransportConfig, TransportError> {
     let mut t = quinn::TransportConfig::default();
     t.max_concurrent_uni_streams(VarInt::from_u32(MAX_STREAMS));
     t.max_concurrent_bidi_streams(VarInt::from_u32(0));
@@ -251,7 +250,7 @@ fn quic_parts(a: &Address) -> Result<(String, u16), TransportError> {
     }
 }
 
-fn quic_address(addr: SocketAddr) -> Address {
+pub(crate) fn quic_address(addr: SocketAddr) -> Address {
     Address::Quic {
         host: addr.ip().to_string(),
         port: addr.port(),
@@ -395,635 +394,5 @@ impl Listener for QuicListener {
                 }
             }
         }
-    }
-}
-
-/// What one incoming stream held.
-enum Incoming {
-    Frame(Bytes),
-    End(u64),
-    EndAck,
-    /// The connection ended cleanly before the stream was read.
-    Nothing,
-}
-
-struct SendOp {
-    bytes: usize,
-    fut: BoxFut<'static, Result<(), TransportError>>,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum SendState {
-    Open,
-    Closing,
-    Closed,
-    Failed,
-}
-
-enum AckState {
-    NotSent,
-    Sending(BoxFut<'static, Result<(), TransportError>>),
-    Sent,
-}
-
-/// A QUIC connection carrying frames.
-pub(crate) struct QuicLink {
-    conn: Connection,
-    /// A client's own endpoint, kept as long as the link.
-    endpoint: Option<Endpoint>,
-    shared: Arc<Shared>,
-    peer: String,
-    max_now: usize,
-    ops: Vec<SendOp>,
-    in_flight: usize,
-    frames_sent: u64,
-    send: SendState,
-    accept: Option<BoxFut<'static, Result<RecvStream, ConnectionError>>>,
-    reads: Vec<BoxFut<'static, Result<Incoming, TransportError>>>,
-    done: VecDeque<Frame>,
-    frames_received: u64,
-    peer_end: Option<u64>,
-    ack: AckState,
-    got_end_ack: bool,
-    conn_error: Option<ConnectionError>,
-    recv_done: bool,
-}
-
-impl fmt::Debug for QuicLink {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("QuicLink")
-            .field("peer", &self.peer)
-            .field("max_frame_len", &self.max_now)
-            .field("in_flight", &self.in_flight)
-            .field("send", &self.send)
-            .field("recv_done", &self.recv_done)
-            .finish_non_exhaustive()
-    }
-}
-
-impl QuicLink {
-    fn new(conn: Connection, endpoint: Option<Endpoint>, shared: Arc<Shared>) -> Self {
-        let peer = quic_address(conn.remote_address()).to_string();
-        let max_now = shared.cfg.max_frame_len;
-        Self {
-            conn,
-            endpoint,
-            shared,
-            peer,
-            max_now,
-            ops: Vec::new(),
-            in_flight: 0,
-            frames_sent: 0,
-            send: SendState::Open,
-            accept: None,
-            reads: Vec::new(),
-            done: VecDeque::new(),
-            frames_received: 0,
-            peer_end: None,
-            ack: AckState::NotSent,
-            got_end_ack: false,
-            conn_error: None,
-            recv_done: false,
-        }
-    }
-
-    /// Drives queued sends; `Ready(Ok)` once all are handed to quinn.
-    fn poll_ops(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), TransportError>> {
-        let mut i = 0;
-        while i < self.ops.len() {
-            match self.ops[i].fut.as_mut().poll(cx) {
-                Poll::Ready(Ok(())) => {
-                    self.in_flight -= self.ops[i].bytes;
-                    drop(self.ops.remove(i));
-                }
-                Poll::Ready(Err(e)) => {
-                    self.send = SendState::Failed;
-                    self.ops.clear();
-                    self.in_flight = 0;
-                    return Poll::Ready(Err(e));
-                }
-                Poll::Pending => i += 1,
-            }
-        }
-        if self.ops.is_empty() {
-            Poll::Ready(Ok(()))
-        } else {
-            Poll::Pending
-        }
-    }
-
-    fn over_budget(&self) -> bool {
-        self.in_flight >= self.shared.cfg.send_budget
-            || self.ops.len() >= self.shared.cfg.max_frames_in_flight
-    }
-}
-
-impl Link for QuicLink {
-    fn caps(&self) -> LinkCaps {
-        LinkCaps {
-            max_frame_len: self.max_now,
-            carries_fds: false,
-            max_fds_per_frame: 0,
-            multiplexed: true,
-            encrypted: true,
-            kernel_local: false,
-        }
-    }
-
-    fn set_max_frame_len(&mut self, max: usize) {
-        self.max_now = max.min(self.shared.cfg.max_frame_len);
-    }
-
-    fn peer_addr(&self) -> String {
-        self.peer.clone()
-    }
-
-    fn channel_binding(&self) -> Option<[u8; 32]> {
-        let mut out = [0u8; 32];
-        self.conn
-            .export_keying_material(&mut out, CHANNEL_BINDING_LABEL, b"")
-            .ok()?;
-        Some(out)
-    }
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), TransportError>> {
-        if self.send != SendState::Open {
-            return Poll::Ready(Err(TransportError::Closed));
-        }
-        if self.over_budget() {
-            if let Poll::Ready(Err(e)) = self.poll_ops(cx) {
-                return Poll::Ready(Err(e));
-            }
-            if self.over_budget() {
-                return Poll::Pending;
-            }
-        }
-        Poll::Ready(Ok(()))
-    }
-
-    fn start_send(&mut self, frame: Frame) -> Result<(), TransportError> {
-        if self.send != SendState::Open {
-            return Err(TransportError::Closed);
-        }
-        if !frame.fds.is_empty() {
-            return Err(TransportError::Cannot {
-                transport: "quic",
-                what: "carry file descriptors",
-            });
-        }
-        let len = frame.payload.len();
-        if len > self.max_now {
-            return Err(TransportError::TooLarge {
-                len,
-                max: self.max_now,
-            });
-        }
-        let priority = if len <= crate::stream::COALESCE_MAX {
-            1
-        } else {
-            0
-        };
-        let fut = send_stream(
-            self.conn.clone(),
-            Bytes::from_static(&FRAME_HEAD),
-            frame.payload,
-            priority,
-            self.peer.clone(),
-        );
-        self.ops.push(SendOp {
-            bytes: len + 1,
-            fut,
-        });
-        self.in_flight += len + 1;
-        self.frames_sent += 1;
-        Ok(())
-    }
-
-    fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), TransportError>> {
-        if self.send == SendState::Failed {
-            return Poll::Ready(Err(TransportError::Closed));
-        }
-        self.poll_ops(cx)
-    }
-
-    fn poll_close(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), TransportError>> {
-        match self.send {
-            SendState::Closed => return Poll::Ready(Ok(())),
-            SendState::Failed => return Poll::Ready(Err(TransportError::Closed)),
-            SendState::Open => {
-                let mut end = BytesMut::with_capacity(9);
-                end.extend_from_slice(&[KIND_END]);
-                end.extend_from_slice(&self.frames_sent.to_be_bytes());
-                let fut = send_stream(
-                    self.conn.clone(),
-                    end.freeze(),
-                    Bytes::new(),
-                    1,
-                    self.peer.clone(),
-                );
-                self.ops.push(SendOp { bytes: 0, fut });
-                self.send = SendState::Closing;
-            }
-            SendState::Closing => {}
-        }
-        match self.poll_ops(cx) {
-            Poll::Ready(Ok(())) => {
-                self.send = SendState::Closed;
-                Poll::Ready(Ok(()))
-            }
-            other => other,
-        }
-    }
-
-    fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame, TransportError>>> {
-        loop {
-            if self.recv_done {
-                return Poll::Ready(None);
-            }
-            if let Some(f) = self.done.pop_front() {
-                self.frames_received += 1;
-                return Poll::Ready(Some(Ok(f)));
-            }
-            if self.peer_end == Some(self.frames_received) {
-                // Everything the peer sent is handed over: tell it, so it
-                // may close, then report the end.
-                loop {
-                    match &mut self.ack {
-                        AckState::NotSent => {
-                            self.ack = AckState::Sending(send_stream(
-                                self.conn.clone(),
-                                Bytes::from_static(&END_ACK),
-                                Bytes::new(),
-                                1,
-                                self.peer.clone(),
-                            ));
-                        }
-                        AckState::Sending(fut) => match fut.as_mut().poll(cx) {
-                            Poll::Pending => return Poll::Pending,
-                            Poll::Ready(_) => self.ack = AckState::Sent,
-                        },
-                        AckState::Sent => break,
-                    }
-                }
-                self.recv_done = true;
-                return Poll::Ready(None);
-            }
-
-            let mut progress = false;
-            while self.conn_error.is_none() && self.reads.len() < self.shared.cfg.recv_concurrency {
-                let conn = &self.conn;
-                let fut = self.accept.get_or_insert_with(|| {
-                    let c = conn.clone();
-                    Box::pin(async move { c.accept_uni().await })
-                });
-                match fut.as_mut().poll(cx) {
-                    Poll::Pending => break,
-                    Poll::Ready(Ok(stream)) => {
-                        self.accept = None;
-                        let limit = self.max_now;
-                        let peer = self.peer.clone();
-                        self.reads.push(Box::pin(read_stream(stream, limit, peer)));
-                        progress = true;
-                    }
-                    Poll::Ready(Err(e)) => {
-                        self.accept = None;
-                        self.conn_error = Some(e);
-                        progress = true;
-                    }
-                }
-            }
-
-            let mut i = 0;
-            while i < self.reads.len() {
-                match self.reads[i].as_mut().poll(cx) {
-                    Poll::Pending => i += 1,
-                    Poll::Ready(res) => {
-                        drop(self.reads.remove(i));
-                        progress = true;
-                        match res {
-                            Ok(Incoming::Frame(b)) => self.done.push_back(Frame::new(b)),
-                            Ok(Incoming::End(n)) => {
-                                if self.peer_end.is_some() || n < self.frames_received {
-                                    self.fail_recv();
-                                    return Poll::Ready(Some(Err(TransportError::Framing(
-                                        "the peer announced its end twice or miscounted".into(),
-                                    ))));
-                                }
-                                self.peer_end = Some(n);
-                            }
-                            Ok(Incoming::EndAck) => self.got_end_ack = true,
-                            Ok(Incoming::Nothing) => {}
-                            Err(e) => {
-                                self.fail_recv();
-                                return Poll::Ready(Some(Err(e)));
-                            }
-                        }
-                    }
-                }
-            }
-            if progress {
-                continue;
-            }
-            if let Some(e) = &self.conn_error {
-                if self.reads.is_empty() {
-                    let res = conn_error(e, &self.peer);
-                    self.fail_recv();
-                    return Poll::Ready(res.map(Err));
-                }
-            }
-            return Poll::Pending;
-        }
-    }
-}
-
-impl QuicLink {
-    fn fail_recv(&mut self) {
-        self.recv_done = true;
-        self.reads.clear();
-        self.done.clear();
-        self.accept = None;
-    }
-}
-
-impl Drop for QuicLink {
-    fn drop(&mut self) {
-        if self.conn.close_reason().is_some() {
-            return;
-        }
-        let end_sent = matches!(self.send, SendState::Closing | SendState::Closed);
-        if !end_sent {
-            self.conn
-                .close(VarInt::from_u32(CLOSE_DROPPED), b"link dropped");
-            return;
-        }
-        if self.got_end_ack {
-            self.conn.close(VarInt::from_u32(CLOSE_DONE), b"");
-            return;
-        }
-        let Ok(rt) = tokio::runtime::Handle::try_current() else {
-            self.conn.close(VarInt::from_u32(CLOSE_DONE), b"");
-            return;
-        };
-        let answer_end = self.peer_end.is_some() && !matches!(self.ack, AckState::Sent);
-        let job = Linger {
-            conn: self.conn.clone(),
-            endpoint: self.endpoint.take(),
-            ops: std::mem::take(&mut self.ops),
-            reads: std::mem::take(&mut self.reads),
-            answer_end,
-            peer: self.peer.clone(),
-            limit: self.shared.cfg.linger,
-        };
-        rt.spawn(job.run());
-    }
-}
-
-/// What a closed link does after it is dropped: finish sending, then wait
-/// until the peer has taken every frame (END-ACK) or closes, within a limit.
-struct Linger {
-    conn: Connection,
-    endpoint: Option<Endpoint>,
-    ops: Vec<SendOp>,
-    reads: Vec<BoxFut<'static, Result<Incoming, TransportError>>>,
-    answer_end: bool,
-    peer: String,
-    limit: Duration,
-}
-
-impl Linger {
-    async fn run(self) {
-        let Linger {
-            conn,
-            endpoint,
-            ops,
-            reads,
-            answer_end,
-            peer,
-            limit,
-        } = self;
-        for op in ops {
-            tokio::spawn(async move {
-                let _ = op.fut.await;
-            });
-        }
-        let ack = |conn: &Connection| {
-            let f = send_stream(
-                conn.clone(),
-                Bytes::from_static(&END_ACK),
-                Bytes::new(),
-                1,
-                peer.clone(),
-            );
-            tokio::spawn(async move {
-                let _ = f.await;
-            });
-        };
-        if answer_end {
-            ack(&conn);
-        }
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<Incoming>(8);
-        let watch = |fut: BoxFut<'static, Result<Incoming, TransportError>>| {
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                if let Ok(i) = fut.await {
-                    let _ = tx.send(i).await;
-                }
-            });
-        };
-        for r in reads {
-            watch(r);
-        }
-        let waited = tokio::time::timeout(limit, async {
-            loop {
-                tokio::select! {
-                    _ = conn.closed() => return,
-                    s = conn.accept_uni() => match s {
-                        // Frames are no longer wanted: read only what marks the end.
-                        Ok(s) => watch(Box::pin(read_stream(s, 16, peer.clone()))),
-                        Err(_) => return,
-                    },
-                    Some(i) = rx.recv() => match i {
-                        Incoming::End(_) => ack(&conn),
-                        Incoming::EndAck => return,
-                        Incoming::Frame(_) | Incoming::Nothing => {}
-                    },
-                }
-            }
-        })
-        .await;
-        let code = if waited.is_ok() {
-            CLOSE_DONE
-        } else {
-            CLOSE_LINGER_TIMEOUT
-        };
-        conn.close(VarInt::from_u32(code), b"");
-        drop(endpoint);
-    }
-}
-
-/// Opens a stream, writes `head` and `body` on it and finishes it. A
-/// control stream (END, END-ACK) to a peer that has already closed the
-/// connection cleanly has nothing left to say: that counts as sent.
-fn send_stream(
-    conn: Connection,
-    head: Bytes,
-    body: Bytes,
-    priority: i32,
-    peer: String,
-) -> BoxFut<'static, Result<(), TransportError>> {
-    let control = head.first() != Some(&KIND_FRAME);
-    Box::pin(async move {
-        let res = async {
-            let mut s = conn.open_uni().await.map_err(WriteError::ConnectionLost)?;
-            if priority != 0 {
-                let _ = s.set_priority(priority);
-            }
-            let mut chunks = [head, body];
-            s.write_all_chunks(&mut chunks).await?;
-            s.finish().map_err(|_| WriteError::ClosedStream)?;
-            Ok::<(), WriteError>(())
-        }
-        .await;
-        match res {
-            Ok(()) => Ok(()),
-            Err(WriteError::ConnectionLost(e)) if control && conn_error(&e, &peer).is_none() => {
-                Ok(())
-            }
-            Err(e) => Err(write_error(e, &peer)),
-        }
-    })
-}
-
-/// Reads one stream to its end, refusing more than `max` payload bytes.
-async fn read_stream(
-    mut s: RecvStream,
-    max: usize,
-    peer: String,
-) -> Result<Incoming, TransportError> {
-    // The kind byte, and room for END's count whatever the limit.
-    let limit = (max + 1).max(9);
-    let mut parts: Vec<Bytes> = Vec::new();
-    let mut total = 0usize;
-    loop {
-        match s.read_chunk(usize::MAX, true).await {
-            Ok(Some(chunk)) => {
-                total += chunk.bytes.len();
-                if total > limit {
-                    let _ = s.stop(VarInt::from_u32(STOP_TOO_LARGE));
-                    return Err(TransportError::TooLarge {
-                        len: total - 1,
-                        max,
-                    });
-                }
-                if !chunk.bytes.is_empty() {
-                    parts.push(chunk.bytes);
-                }
-            }
-            Ok(None) => break,
-            Err(ReadError::ConnectionLost(e)) => {
-                return match conn_error(&e, &peer) {
-                    None => Ok(Incoming::Nothing),
-                    Some(err) => Err(err),
-                }
-            }
-            Err(ReadError::Reset(code)) => {
-                return Err(TransportError::Framing(format!(
-                    "the peer abandoned a frame midway (stream reset with code {code})"
-                )))
-            }
-            Err(e) => return Err(TransportError::Framing(e.to_string())),
-        }
-    }
-    let body = if parts.len() == 1 {
-        parts.pop().unwrap_or_default()
-    } else {
-        let mut b = BytesMut::with_capacity(total);
-        for p in &parts {
-            b.extend_from_slice(p);
-        }
-        b.freeze()
-    };
-    match body.first().copied() {
-        None => Err(TransportError::Framing(
-            "the peer sent an empty stream".into(),
-        )),
-        Some(KIND_FRAME) => Ok(Incoming::Frame(body.slice(1..))),
-        Some(KIND_END) if body.len() == 9 => {
-            let mut n = [0u8; 8];
-            n.copy_from_slice(&body[1..9]);
-            Ok(Incoming::End(u64::from_be_bytes(n)))
-        }
-        Some(KIND_END_ACK) if body.len() == 1 => Ok(Incoming::EndAck),
-        Some(k) => Err(TransportError::Framing(format!(
-            "the peer sent a stream of unknown kind {k} or length {}",
-            body.len()
-        ))),
-    }
-}
-
-/// What a lost connection means to the caller: `None` for a clean end.
-fn conn_error(e: &ConnectionError, peer: &str) -> Option<TransportError> {
-    let io = |kind: io::ErrorKind, msg: String| {
-        Some(TransportError::io(
-            format!("talk to {peer}"),
-            io::Error::new(kind, msg),
-        ))
-    };
-    match e {
-        ConnectionError::ApplicationClosed(c) if c.error_code == VarInt::from_u32(CLOSE_DONE) => {
-            None
-        }
-        ConnectionError::ApplicationClosed(c) => {
-            let code = c.error_code.into_inner();
-            let why = match u32::try_from(code) {
-                Ok(CLOSE_DROPPED) => "the peer dropped the link without closing it".to_owned(),
-                Ok(CLOSE_LINGER_TIMEOUT) => {
-                    "the peer gave up waiting for us to read its last frames".to_owned()
-                }
-                _ => format!("the peer closed the connection with code {code}"),
-            };
-            io(io::ErrorKind::ConnectionReset, why)
-        }
-        ConnectionError::LocallyClosed => Some(TransportError::Closed),
-        ConnectionError::TimedOut => io(
-            io::ErrorKind::TimedOut,
-            "the peer stopped answering (QUIC idle timeout)".into(),
-        ),
-        ConnectionError::Reset => io(
-            io::ErrorKind::ConnectionReset,
-            "the peer reset the connection".into(),
-        ),
-        ConnectionError::ConnectionClosed(c) if is_crypto(u64::from(c.error_code)) => Some(
-            TransportError::Tls(format!("the peer refused the TLS session: {c}")),
-        ),
-        ConnectionError::TransportError(t) if is_crypto(u64::from(t.code)) => {
-            Some(TransportError::Tls(t.to_string()))
-        }
-        other => io(io::ErrorKind::ConnectionAborted, other.to_string()),
-    }
-}
-
-fn is_crypto(code: u64) -> bool {
-    (0x100..0x200).contains(&code)
-}
-
-fn write_error(e: WriteError, peer: &str) -> TransportError {
-    match e {
-        WriteError::ConnectionLost(c) => conn_error(&c, peer).unwrap_or(TransportError::Closed),
-        WriteError::ClosedStream => TransportError::Closed,
-        WriteError::Stopped(code) if code == VarInt::from_u32(STOP_TOO_LARGE) => {
-            TransportError::Framing("the peer refused a frame as too large".into())
-        }
-        WriteError::Stopped(code) => TransportError::io(
-            format!("send to {peer}"),
-            io::Error::new(
-                io::ErrorKind::ConnectionReset,
-                format!("the peer stopped a stream (code {code})"),
-            ),
-        ),
-        other => TransportError::io(
-            format!("send to {peer}"),
-            io::Error::other(other.to_string()),
-        ),
     }
 }

@@ -307,6 +307,24 @@ impl<S: RawStream> StreamLink<S> {
     }
 
     /// Takes the next frame out of the read buffer, if a whole one is there.
+    /// How much to ask the next read for. Enough for the rest of a frame
+    /// already begun (so large frames take few reads), else a small chunk:
+    /// descriptor-carrying links zero the space they read into, and small
+    /// messages should not pay for zeroing a large buffer each time.
+    fn read_want(&self) -> usize {
+        const SMALL: usize = 4096;
+        let have = self.rbuf.len();
+        if have >= PREFIX_LEN {
+            let len = u32::from_be_bytes([self.rbuf[0], self.rbuf[1], self.rbuf[2], self.rbuf[3]])
+                as usize;
+            let total = PREFIX_LEN + len;
+            if total > have {
+                return (total - have + SMALL).min(self.read_chunk.max(SMALL) * 8);
+            }
+        }
+        SMALL.min(self.read_chunk.max(1024))
+    }
+
     fn try_decode(&mut self) -> Result<Option<Frame>, TransportError> {
         let before = self.rbuf.len();
         let start = self.consumed;
@@ -499,12 +517,7 @@ impl<S: RawStream> Link for StreamLink<S> {
                     Err(e) => Poll::Ready(Some(Err(e))),
                 };
             }
-            let spare = self.rbuf.capacity() - self.rbuf.len();
-            let want = if spare >= self.read_chunk / 4 {
-                spare
-            } else {
-                self.read_chunk
-            };
+            let want = self.read_want();
             let res = ready!(self.io.poll_read_some(cx, &mut self.rbuf, want, &mut fds));
             match res {
                 Ok(0) => {

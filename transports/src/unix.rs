@@ -11,7 +11,8 @@
 //! - A stale file (a socket nobody listens on: connecting is refused) is
 //!   removed and replaced.
 //! - A live one (someone accepts connections) is never taken over: `listen`
-//!   fails and says so. A file that is not a socket is never removed.
+//!   fails and says so (the owner sees the probe as a connection that closes
+//!   at once). A file that is not a socket is never removed.
 //! - When the listener is dropped, the file is removed if it is still the
 //!   one this listener bound.
 //!

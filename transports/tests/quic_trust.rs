@@ -235,3 +235,62 @@ async fn quic_needs_a_configuration() {
     assert!(matches!(err, TransportError::Address(_)), "{err}");
     assert!(err.to_string().contains("builder"), "{err}");
 }
+
+/// Small frames keep their order on QUIC, even though each travels on its
+/// own stream.
+#[tokio::test]
+async fn small_frames_arrive_in_order() {
+    use courier_runtime::transport::{Frame, Transport};
+    use courier_transports::quic::{Identity, PeerTrust, QuicConfig, QuicTransport};
+    use courier_transports::{LinkExt, ListenerExt};
+    let id = Identity::generate("order").unwrap();
+    let t = QuicTransport::new(QuicConfig::new(
+        id.clone(),
+        PeerTrust::pinned([id.fingerprint()]),
+    ))
+    .unwrap();
+    let mut l = t
+        .listen(&"quic://127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let addr = l.local_addr();
+    let (c, s) = tokio::join!(t.connect(&addr), l.accept());
+    let (mut c, mut s) = (c.unwrap(), s.unwrap());
+    let n = 2_000u32;
+    let sender = async {
+        for i in 0..n {
+            // A large frame now and then: it may be overtaken, the small
+            // ones may not overtake each other.
+            let body = if i % 500 == 250 {
+                vec![0u8; 300_000]
+            } else {
+                i.to_be_bytes().to_vec()
+            };
+            c.send(Frame::new(body)).await.unwrap();
+        }
+        c.flush().await.unwrap();
+        c
+    };
+    let receiver = async {
+        let mut last = None;
+        let mut small = 0;
+        for _ in 0..n {
+            let f = tokio::time::timeout(std::time::Duration::from_secs(30), s.recv())
+                .await
+                .expect("frame within 30 s")
+                .expect("not closed")
+                .unwrap();
+            if f.payload.len() == 4 {
+                let v = u32::from_be_bytes(f.payload[..].try_into().unwrap());
+                if let Some(p) = last {
+                    assert!(v > p, "small frame {v} after {p}");
+                }
+                last = Some(v);
+                small += 1;
+            }
+        }
+        small
+    };
+    let (_c, small) = tokio::join!(sender, receiver);
+    assert_eq!(small, n - 4);
+}

@@ -250,6 +250,7 @@ async fn backpressure(h: Harness) {
             }
         }
     }
+    eprintln!("{}: backpressure after {} KiB", h.name, sent * size / 1024);
     assert!(
         pending_since.is_some(),
         "{}: {} MiB queued without backpressure",

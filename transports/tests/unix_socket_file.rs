@@ -68,8 +68,14 @@ async fn live_socket_is_not_stolen() {
         "{msg}"
     );
     assert!(msg.contains("not taking it over"), "{msg}");
-    // The owner still serves at its path.
-    let accept = std::thread::spawn(move || owner.accept().map(|_| ()));
+    // The owner still serves at its path: it accepts the liveness probe's
+    // connection, then ours.
+    let accept = std::thread::spawn(move || {
+        for _ in 0..2 {
+            owner.accept()?;
+        }
+        Ok::<_, std::io::Error>(())
+    });
     std::os::unix::net::UnixStream::connect(&path).expect("the owner still listens");
     accept.join().unwrap().unwrap();
 }

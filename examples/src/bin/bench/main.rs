@@ -1,0 +1,299 @@
+//! Courier's benchmark: Courier against the physical limit, per transport.
+//!
+//! For each transport it runs, interleaved so machine noise hits all alike:
+//! **raw** (a length-prefixed socket carrying the bytes), **raw+cbor** (the
+//! same socket carrying the same messages encoded and decoded with
+//! ciborium, no runtime) and **courier** (two nodes, a remote actor), and
+//! prints medians and ratios. Client and server run on one thread in every
+//! case, so the figures compare the work done, not thread wake-ups.
+//!
+//! ```text
+//! cargo run --release -p courier-examples --bin bench                 # full run (a few minutes)
+//! cargo run --release -p courier-examples --bin bench -- --quick      # a few seconds (CI)
+//! cargo run --release -p courier-examples --bin bench -- --json out.json --svg plot.svg
+//! cargo run --release -p courier-examples --bin bench -- --transports tcp,unix
+//! ```
+
+#![allow(missing_docs)] // a program, not a library: its items are private
+
+mod actors;
+mod courier_side;
+mod raw;
+mod report;
+
+use std::path::PathBuf;
+
+use report::{Sample, Table};
+
+/// Which transports exist.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Tcp,
+    Unix,
+    Fd,
+    Quic,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Tcp => "tcp",
+            Kind::Unix => "unix",
+            Kind::Fd => "fd",
+            Kind::Quic => "quic",
+        }
+    }
+}
+
+/// How long each measurement runs.
+#[derive(Clone, Copy, Debug)]
+pub struct Budget {
+    pub rounds: usize,
+    pub rtt_iters: usize,
+    pub oneway_msgs: usize,
+    pub big_iters: usize,
+    pub concurrent_calls: usize,
+    pub connections: usize,
+    pub local_iters: usize,
+    pub ref_iters: usize,
+    pub mem_conns: usize,
+    pub mem_refs: usize,
+}
+
+impl Budget {
+    fn full() -> Self {
+        Self {
+            rounds: 5,
+            rtt_iters: 20_000,
+            oneway_msgs: 200_000,
+            big_iters: 200,
+            concurrent_calls: 20_000,
+            connections: 100,
+            local_iters: 200_000,
+            ref_iters: 10_000,
+            mem_conns: 200,
+            mem_refs: 20_000,
+        }
+    }
+
+    fn quick() -> Self {
+        Self {
+            rounds: 1,
+            rtt_iters: 500,
+            oneway_msgs: 5_000,
+            big_iters: 5,
+            concurrent_calls: 640,
+            connections: 10,
+            local_iters: 5_000,
+            ref_iters: 200,
+            mem_conns: 10,
+            mem_refs: 200,
+        }
+    }
+}
+
+struct Args {
+    budget: Budget,
+    quick: bool,
+    json: Option<PathBuf>,
+    svg: Option<PathBuf>,
+    transports: Vec<Kind>,
+    only: Vec<String>,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut a = Args {
+        budget: Budget::full(),
+        quick: false,
+        json: None,
+        svg: None,
+        transports: vec![Kind::Tcp, Kind::Unix, Kind::Fd, Kind::Quic],
+        only: Vec::new(),
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "--quick" => {
+                a.quick = true;
+                a.budget = Budget::quick();
+            }
+            "--json" => a.json = Some(it.next().ok_or("--json needs a file")?.into()),
+            "--svg" => a.svg = Some(it.next().ok_or("--svg needs a file")?.into()),
+            "--rounds" => {
+                a.budget.rounds = it
+                    .next()
+                    .and_then(|n| n.parse().ok())
+                    .ok_or("--rounds needs a number")?
+            }
+            "--transports" => {
+                let list = it.next().ok_or("--transports needs a list")?;
+                a.transports = list
+                    .split(',')
+                    .map(|t| match t {
+                        "tcp" => Ok(Kind::Tcp),
+                        "unix" => Ok(Kind::Unix),
+                        "fd" => Ok(Kind::Fd),
+                        "quic" => Ok(Kind::Quic),
+                        other => Err(format!("unknown transport {other:?}")),
+                    })
+                    .collect::<Result<_, _>>()?;
+            }
+            "--only" => {
+                a.only = it
+                    .next()
+                    .ok_or("--only needs a list (rtt,oneway,1mib,64callers,refs,fds,100conns,local,memory)")?
+                    .split(',')
+                    .map(str::to_owned)
+                    .collect()
+            }
+            "-h" | "--help" => {
+                return Err("usage: bench [--quick] [--rounds N] [--transports tcp,unix,fd,quic] [--only rtt,oneway,...] [--json FILE] [--svg FILE]".into())
+            }
+            other => return Err(format!("unknown argument {other:?} (try --help)")),
+        }
+    }
+    Ok(a)
+}
+
+fn main() {
+    // Memory is measured in a fresh child process: a process that already
+    // ran the other measurements has freed memory its allocator reuses.
+    let argv: Vec<String> = std::env::args().collect();
+    if argv.get(1).map(String::as_str) == Some("--memory-child") {
+        let n = |i: usize| argv.get(i).and_then(|v| v.parse().ok()).unwrap_or(100);
+        let dir = std::env::temp_dir();
+        let samples = actix::System::new().block_on(courier_side::memory(&dir, n(2), n(3)));
+        for s in samples {
+            println!(
+                "{} {} {} {} {}",
+                s.transport, s.metric, s.imp, s.stat, s.value
+            );
+        }
+        return;
+    }
+    let args = match parse_args() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("{e}");
+            std::process::exit(2);
+        }
+    };
+    let mut samples = actix::System::new().block_on(run(&args));
+    if args.only.is_empty() || args.only.iter().any(|o| o == "memory") {
+        samples.extend(memory_in_child(args.budget.mem_conns, args.budget.mem_refs));
+    }
+    let table = Table::new(samples);
+    print!("{}", table.text());
+    if let Some(p) = &args.json {
+        if let Err(e) = std::fs::write(p, table.json()) {
+            eprintln!("cannot write {}: {e}", p.display());
+            std::process::exit(1);
+        }
+    }
+    if let Some(p) = &args.svg {
+        if let Err(e) = std::fs::write(p, table.svg()) {
+            eprintln!("cannot write {}: {e}", p.display());
+            std::process::exit(1);
+        }
+    }
+}
+
+fn memory_in_child(conns: usize, refs: usize) -> Vec<Sample> {
+    let Ok(exe) = std::env::current_exe() else {
+        return Vec::new();
+    };
+    let out = match std::process::Command::new(exe)
+        .args(["--memory-child", &conns.to_string(), &refs.to_string()])
+        .output()
+    {
+        Ok(o) if o.status.success() => o,
+        _ => {
+            eprintln!("memory measurement failed");
+            return Vec::new();
+        }
+    };
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let [t, m, i, st, v] = f[..] else { return None };
+            Some(Sample::new(t, m, i, st, v.parse().ok()?, "bytes"))
+        })
+        .collect()
+}
+
+fn progress(what: &str) {
+    if std::env::var_os("BENCH_DEBUG").is_some() {
+        eprintln!("  {what}");
+    }
+}
+
+async fn run(args: &Args) -> Vec<Sample> {
+    let dir = std::env::temp_dir().join(format!("courier-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let b = args.budget;
+    let want = |m: &str| args.only.is_empty() || args.only.iter().any(|o| o == m);
+    let mut out = Vec::new();
+    eprintln!(
+        "courier bench: {} round(s), transports {:?}{}",
+        b.rounds,
+        args.transports.iter().map(|k| k.name()).collect::<Vec<_>>(),
+        if args.quick { " (quick)" } else { "" }
+    );
+    for round in 0..b.rounds {
+        eprintln!("round {}/{}", round + 1, b.rounds);
+        for &kind in &args.transports {
+            let t = kind.name();
+            if want("rtt") {
+                let r = raw::rtt(kind, &dir, b.rtt_iters, false).await;
+                out.extend(r.samples(t, "rtt", "raw"));
+                let r = raw::rtt(kind, &dir, b.rtt_iters, true).await;
+                out.extend(r.samples(t, "rtt", "raw+cbor"));
+                let r = courier_side::rtt(kind, &dir, b.rtt_iters).await;
+                out.extend(r.samples(t, "rtt", "courier"));
+            }
+            if want("oneway") {
+                let r = raw::oneway(kind, &dir, b.oneway_msgs, false).await;
+                out.push(r.sample(t, "oneway", "raw"));
+                let r = raw::oneway(kind, &dir, b.oneway_msgs, true).await;
+                out.push(r.sample(t, "oneway", "raw+cbor"));
+                let r = courier_side::oneway(kind, &dir, b.oneway_msgs).await;
+                out.push(r.sample(t, "oneway", "courier"));
+            }
+            if want("1mib") {
+                let r = raw::big(kind, &dir, b.big_iters).await;
+                out.push(r.sample(t, "1mib", "raw"));
+                let r = courier_side::big(kind, &dir, b.big_iters).await;
+                out.push(r.sample(t, "1mib", "courier"));
+            }
+            if want("64callers") {
+                let r = raw::pipelined(kind, &dir, b.concurrent_calls, 64).await;
+                out.push(r.sample(t, "64callers", "raw"));
+                let r = courier_side::concurrent(kind, &dir, b.concurrent_calls, 64).await;
+                out.push(r.sample(t, "64callers", "courier"));
+            }
+            if want("refs") {
+                let r = courier_side::refs(kind, &dir, b.ref_iters).await;
+                out.push(r.sample(t, "refs", "courier"));
+            }
+            if want("fds") && matches!(kind, Kind::Unix | Kind::Fd) {
+                let r = courier_side::fds(kind, &dir, b.ref_iters).await;
+                out.push(r.sample(t, "fds", "courier"));
+            }
+        }
+        if want("100conns") {
+            let r = raw::many_connections(&dir, b.connections, b.rtt_iters / 10).await;
+            out.push(r.sample("tcp", "100conns", "raw"));
+            let r = courier_side::many_connections(&dir, b.connections, b.rtt_iters / 10).await;
+            out.push(r.sample("tcp", "100conns", "courier"));
+        }
+        if want("local") {
+            let r = courier_side::actix_local(b.local_iters).await;
+            out.push(r.sample("local", "local", "actix"));
+            let r = courier_side::courier_local(b.local_iters).await;
+            out.push(r.sample("local", "local", "courier"));
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    out
+}
