@@ -81,32 +81,38 @@ impl ReplySink {
     /// Encodes `value` (with any references or descriptors in it) as the
     /// reply command for the connection's driver.
     pub fn reply<T: Serialize>(mut self, value: &T) -> Command {
+        use courier_runtime::wire::{encode_reply, REPLY_HEADER_LEN, TAG_LEN};
         self.done = true;
-        match refctx::encode(value) {
-            Ok(enc) => {
-                if !enc.fds.is_empty() && !self.conn.0.caps.carries_fds {
-                    self.status_command(
-                        ReplyStatus::BadPayload,
-                        &format!(
-                            "the reply holds file descriptors, which {} cannot carry",
-                            self.conn.0.scheme
-                        ),
-                    )
-                } else {
-                    match self.node.account_out(&self.conn, enc.refs) {
-                        Ok(refs) => Command::Reply {
-                            request: self.request,
-                            status: ReplyStatus::Ok,
-                            payload: enc.payload,
-                            refs,
-                            fds: enc.fds,
-                        },
-                        Err(e) => self.status_command(ReplyStatus::Refused, &e.to_string()),
-                    }
-                }
+        let built = refctx::encode_with(value, |payload, refs, fds| {
+            if !fds.is_empty() && !self.conn.0.caps.carries_fds {
+                self.node.discard_out(&refs);
+                return Ok(self.status_command(
+                    ReplyStatus::BadPayload,
+                    &format!(
+                        "the reply holds file descriptors, which {} cannot carry",
+                        self.conn.0.scheme
+                    ),
+                ));
             }
-            Err(e) => self.status_command(ReplyStatus::BadPayload, &e.to_string()),
-        }
+            match self.node.account_out(&self.conn, refs) {
+                Ok(refs) => {
+                    let mut frame = bytes::BytesMut::with_capacity(
+                        REPLY_HEADER_LEN + refs.len() * 64 + payload.len() + TAG_LEN,
+                    );
+                    encode_reply(
+                        &mut frame,
+                        self.request,
+                        ReplyStatus::Ok,
+                        fds.len() as u8,
+                        &refs,
+                        payload,
+                    );
+                    Ok(Command::ReplyFrame { frame, fds })
+                }
+                Err(e) => Ok(self.status_command(ReplyStatus::Refused, &e.to_string())),
+            }
+        });
+        built.unwrap_or_else(|e| self.status_command(ReplyStatus::BadPayload, &e.to_string()))
     }
 
     /// A failure status and a text, as the reply command.

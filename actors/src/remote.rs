@@ -249,20 +249,21 @@ impl<A: Actor> RemoteAddr<A> {
                 let imp = imp.clone();
                 Box::pin(async move {
                     let (node, conn) = imp.connection().await?;
-                    let enc = refctx::encode(&msg)?;
+                    let (frame, fds) = build_frame(
+                        &node,
+                        &conn,
+                        imp.id,
+                        M::TYPE.as_str(),
+                        courier_runtime::wire::REQUEST_TO_ASSIGN,
+                        &msg,
+                    )?;
                     drop(msg);
-                    if let Err(e) = check_fds(&conn, enc.fds.len()) {
-                        node.discard_out(&enc.refs);
-                        return Err(e);
-                    }
-                    let refs = node.account_out(&conn, enc.refs)?;
                     let (tx, rx) = oneshot::channel();
-                    conn.send(Command::Call {
+                    conn.send(Command::CallFrame {
                         target: imp.id,
                         type_name: M::TYPE.as_str(),
-                        payload: enc.payload,
-                        refs,
-                        fds: enc.fds,
+                        frame,
+                        fds,
                         reply: tx,
                     })
                     .await?;
@@ -330,25 +331,57 @@ impl<A: Actor> RemoteAddr<A> {
                     .node
                     .upgrade()
                     .ok_or(imp.dead_error(DeadReason::NodeUnreachable))?;
-                let enc = refctx::encode(&msg)?;
-                if let Err(e) = check_fds(&conn, enc.fds.len()) {
-                    node.discard_out(&enc.refs);
-                    return Err(e);
-                }
-                let refs = node.account_out(&conn, enc.refs)?;
+                let (frame, fds) = build_frame(&node, &conn, imp.id, M::TYPE.as_str(), 0, &msg)?;
                 conn.try_send(
-                    Command::Cast {
+                    Command::CastFrame {
                         target: imp.id,
-                        type_name: M::TYPE.as_str(),
-                        payload: enc.payload,
-                        refs,
-                        fds: enc.fds,
+                        frame,
+                        fds,
                     },
                     imp.id,
                 )
             }
         }
     }
+}
+
+/// Encodes `msg` and builds its call (`request` is
+/// [`REQUEST_TO_ASSIGN`](courier_runtime::wire::REQUEST_TO_ASSIGN)) or cast
+/// (`request` 0) frame for `conn`, counting the references it carries: the
+/// payload is written once into warm scratch memory and copied once, into
+/// the frame.
+fn build_frame<T: serde::Serialize>(
+    node: &NodeShared,
+    conn: &ConnHandle,
+    target: ActorId,
+    type_name: &str,
+    request: u64,
+    msg: &T,
+) -> Result<(bytes::BytesMut, Vec<std::os::fd::OwnedFd>), RemoteError> {
+    use courier_runtime::wire::{encode_call, CallHeader, CALL_HEADER_LEN, TAG_LEN};
+    refctx::encode_with(msg, |payload, refs, fds| {
+        if let Err(e) = check_fds(conn, fds.len()) {
+            node.discard_out(&refs);
+            return Err(e);
+        }
+        let refs = node.account_out(conn, refs)?;
+        let mut frame = bytes::BytesMut::with_capacity(
+            CALL_HEADER_LEN + type_name.len() + refs.len() * 64 + payload.len() + TAG_LEN,
+        );
+        encode_call(
+            &mut frame,
+            &CallHeader {
+                request,
+                incarnation: target.incarnation,
+                target: target.local,
+                fds: fds.len() as u8,
+            },
+            type_name,
+            &refs,
+            payload,
+        );
+        Ok((frame, fds))
+    })
 }
 
 fn check_fds(conn: &ConnHandle, n: usize) -> Result<(), RemoteError> {
