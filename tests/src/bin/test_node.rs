@@ -14,8 +14,8 @@ use courier_tests::{export_counter, export_room, new_member, Members, COOKIE};
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
     let mut b = courier::Node::builder().cookie(COOKIE).heartbeat(
-        std::time::Duration::from_millis(200),
-        std::time::Duration::from_millis(600),
+        std::time::Duration::from_millis(500),
+        std::time::Duration::from_millis(1500),
     );
     let worker = std::env::var(courier::WORKER_ENV).is_ok();
     if worker {
