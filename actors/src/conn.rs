@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use courier_runtime::error::{HandshakeError, RemoteError};
 use courier_runtime::handshake::PeerInfo;
 use courier_runtime::id::{ActorId, NodeId};
@@ -41,26 +41,38 @@ pub(crate) enum Command {
         type_name: &'static str,
         payload: Vec<u8>,
         refs: Vec<WireRef>,
-        /// The references' handles, kept until the frame is written (see
-        /// [`Hold`]).
-        hold: Hold,
         fds: Vec<OwnedFd>,
         reply: oneshot::Sender<Result<ReplyIn, RemoteError>>,
     },
-    Cast {
+    /// A call whose frame is built already (see `Session::send_call_frame`).
+    CallFrame {
         target: ActorId,
         type_name: &'static str,
-        payload: Vec<u8>,
-        refs: Vec<WireRef>,
-        hold: Hold,
+        frame: BytesMut,
         fds: Vec<OwnedFd>,
+        /// The handles of the references in the frame, kept until it is
+        /// written (see [`Hold`]).
+        hold: Hold,
+        reply: oneshot::Sender<Result<ReplyIn, RemoteError>>,
+    },
+    /// A one-way message whose frame is built already.
+    CastFrame {
+        target: ActorId,
+        frame: BytesMut,
+        fds: Vec<OwnedFd>,
+        hold: Hold,
+    },
+    /// A reply whose frame is built already.
+    ReplyFrame {
+        frame: BytesMut,
+        fds: Vec<OwnedFd>,
+        hold: Hold,
     },
     Reply {
         request: u64,
         status: ReplyStatus,
         payload: Vec<u8>,
         refs: Vec<WireRef>,
-        hold: Hold,
         fds: Vec<OwnedFd>,
     },
     Release(Vec<ReleaseEntry>),
@@ -250,7 +262,7 @@ impl Driver {
         established: Option<oneshot::Sender<Result<ConnHandle, RemoteError>>>,
     ) -> Result<Self, RemoteError> {
         let caps = link.caps();
-        let mut config = node.session_config(&caps);
+        let mut config = node.session_config(&caps, &link.peer_addr());
         config.max_frame = config
             .max_frame
             .min(caps.max_frame_len.saturating_sub(TAG_LEN));
@@ -339,7 +351,6 @@ impl Driver {
                 type_name,
                 payload,
                 refs,
-                hold,
                 fds,
                 reply,
             } => {
@@ -370,38 +381,14 @@ impl Driver {
                         let _ = reply.send(Err(e));
                     }
                 }
-                drop(hold);
-            }
-            Command::Cast {
-                target,
-                type_name,
-                payload,
-                refs,
-                hold,
-                fds,
-            } => {
-                self.pump_session();
-                match self
-                    .session
-                    .send_cast(t, target, type_name, &refs, &payload, fds.len() as u8)
-                {
-                    Ok(()) => {
-                        Metrics::add(&self.node.metrics.calls_out, 1);
-                        self.attach_fds(fds);
-                    }
-                    Err(e) => debug!(error = %e, "one-way message dropped"),
-                }
-                drop(hold);
             }
             Command::Reply {
                 request,
                 status,
                 payload,
                 refs,
-                hold,
                 fds,
             } => {
-                let _hold = hold;
                 self.pump_session();
                 let sent =
                     self.session
@@ -421,6 +408,63 @@ impl Driver {
                         );
                     }
                 }
+            }
+            Command::CallFrame {
+                target,
+                type_name,
+                frame,
+                fds,
+                hold,
+                reply,
+            } => {
+                self.pump_session();
+                let bytes = frame.len();
+                match self.session.send_call_frame(t, target, frame) {
+                    Ok(request) => {
+                        Metrics::add(&self.node.metrics.calls_out, 1);
+                        let span =
+                            tracing::debug_span!("call", actor = %target, msg = type_name, request);
+                        span.in_scope(|| debug!(bytes, "call sent"));
+                        self.pending.insert(
+                            request,
+                            Pending {
+                                reply,
+                                sent: t,
+                                span,
+                            },
+                        );
+                        self.attach_fds(fds);
+                    }
+                    Err(e) => {
+                        if let RemoteError::LimitReached { what, max } = &e {
+                            warn!(what, max, actor = %target, msg = type_name, "limit reached");
+                        }
+                        let _ = reply.send(Err(e));
+                    }
+                }
+                drop(hold);
+            }
+            Command::CastFrame {
+                target,
+                frame,
+                fds,
+                hold,
+            } => {
+                self.pump_session();
+                match self.session.send_cast_frame(t, target, frame) {
+                    Ok(()) => self.attach_fds(fds),
+                    Err(e) => debug!(error = %e, "one-way message dropped"),
+                }
+                drop(hold);
+            }
+            Command::ReplyFrame { frame, fds, hold } => {
+                self.pump_session();
+                if let Err(e) = self.session.send_reply_frame(t, frame) {
+                    debug!(error = %e, "reply not sent");
+                } else {
+                    self.attach_fds(fds);
+                }
+                drop(hold);
             }
             Command::Release(entries) => {
                 let _ = self.session.send_release(t, &entries);
@@ -633,7 +677,7 @@ impl Driver {
     fn drain_rx_after_close(&mut self) {
         // Calls queued after the close fail at once.
         while let Ok(cmd) = self.rx.try_recv() {
-            if let Command::Call { reply, .. } = cmd {
+            if let Command::Call { reply, .. } | Command::CallFrame { reply, .. } = cmd {
                 let err = match &self.handle {
                     Some(h) => h.lost(),
                     None => RemoteError::Protocol {

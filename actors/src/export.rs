@@ -81,33 +81,42 @@ impl ReplySink {
     /// Encodes `value` (with any references or descriptors in it) as the
     /// reply command for the connection's driver.
     pub fn reply<T: Serialize>(mut self, value: &T) -> Command {
+        use courier_runtime::wire::{encode_reply, REPLY_HEADER_LEN, TAG_LEN};
         self.done = true;
-        match refctx::encode(value) {
-            Ok(enc) => {
-                if !enc.fds.is_empty() && !self.conn.0.caps.carries_fds {
-                    self.status_command(
-                        ReplyStatus::BadPayload,
-                        &format!(
-                            "the reply holds file descriptors, which {} cannot carry",
-                            self.conn.0.scheme
-                        ),
-                    )
-                } else {
-                    match self.node.account_out(&self.conn, &enc.refs) {
-                        Ok(refs) => Command::Reply {
-                            request: self.request,
-                            status: ReplyStatus::Ok,
-                            payload: enc.payload,
-                            refs,
-                            hold: enc.refs,
-                            fds: enc.fds,
-                        },
-                        Err(e) => self.status_command(ReplyStatus::Refused, &e.to_string()),
-                    }
-                }
+        let built = refctx::encode_with(value, |payload, refs, fds| {
+            if !fds.is_empty() && !self.conn.0.caps.carries_fds {
+                self.node.discard_out(&refs);
+                return Ok(self.status_command(
+                    ReplyStatus::BadPayload,
+                    &format!(
+                        "the reply holds file descriptors, which {} cannot carry",
+                        self.conn.0.scheme
+                    ),
+                ));
             }
-            Err(e) => self.status_command(ReplyStatus::BadPayload, &e.to_string()),
-        }
+            match self.node.account_out(&self.conn, &refs) {
+                Ok(wire) => {
+                    let mut frame = bytes::BytesMut::with_capacity(
+                        REPLY_HEADER_LEN + wire.len() * 64 + payload.len() + TAG_LEN,
+                    );
+                    encode_reply(
+                        &mut frame,
+                        self.request,
+                        ReplyStatus::Ok,
+                        fds.len() as u8,
+                        &wire,
+                        payload,
+                    );
+                    Ok(Command::ReplyFrame {
+                        frame,
+                        fds,
+                        hold: refs,
+                    })
+                }
+                Err(e) => Ok(self.status_command(ReplyStatus::Refused, &e.to_string())),
+            }
+        });
+        built.unwrap_or_else(|e| self.status_command(ReplyStatus::BadPayload, &e.to_string()))
     }
 
     /// A failure status and a text, as the reply command.
@@ -124,7 +133,6 @@ impl ReplySink {
             status: ReplyStatus::Failed,
             payload: courier_runtime::codec::encode(failure).unwrap_or_default(),
             refs: Vec::new(),
-            hold: Vec::new(),
             fds: Vec::new(),
         }
     }
@@ -135,7 +143,6 @@ impl ReplySink {
             status,
             payload: courier_runtime::codec::encode(text).unwrap_or_default(),
             refs: Vec::new(),
-            hold: Vec::new(),
             fds: Vec::new(),
         }
     }
@@ -168,7 +175,6 @@ impl Drop for ReplySink {
                 payload: courier_runtime::codec::encode("the actor stopped before answering")
                     .unwrap_or_default(),
                 refs: Vec::new(),
-                hold: Vec::new(),
                 fds: Vec::new(),
             });
         }

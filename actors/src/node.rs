@@ -69,10 +69,23 @@ impl Default for Limits {
     }
 }
 
+/// Whether `addr` (as a link reports its peer) is a loopback address: an
+/// attacker on it is already on this host.
+fn is_loopback(addr: &str) -> bool {
+    match addr.parse::<Address>() {
+        Ok(Address::Tcp { host, .. }) | Ok(Address::Quic { host, .. }) => host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback()),
+        _ => false,
+    }
+}
+
 /// When frames after the handshake carry a MAC.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum FrameMac {
-    /// On links that are neither TLS nor kernel-local (TCP).
+    /// On links that are neither TLS nor kernel-local (TCP), except to a
+    /// loopback address (127.0.0.0/8, ::1), where an on-path attacker would
+    /// already be on this host.
     #[default]
     Auto,
     /// Always (unless the peer cannot: every Courier build can).
@@ -213,7 +226,7 @@ impl NodeShared {
         self.conn_ids.fetch_add(1, Ordering::Relaxed) + 1
     }
 
-    pub(crate) fn session_config(&self, caps: &LinkCaps) -> SessionConfig {
+    pub(crate) fn session_config(&self, caps: &LinkCaps, peer: &str) -> SessionConfig {
         let mut hs = HandshakeConfig::new(self.id, self.incarnation, self.keyring.clone());
         hs.listen = self
             .listen
@@ -227,7 +240,7 @@ impl NodeShared {
         let mac = match self.frame_mac {
             FrameMac::Always => true,
             FrameMac::Never => false,
-            FrameMac::Auto => !caps.encrypted && !caps.kernel_local,
+            FrameMac::Auto => !caps.encrypted && !caps.kernel_local && !is_loopback(peer),
         };
         hs.features = if mac { features::FRAME_MAC } else { 0 };
         let mut cfg = SessionConfig::new(hs);
@@ -1547,7 +1560,6 @@ async fn lookup_via<A: Actor>(conn: &ConnHandle, name: &str) -> Result<RemoteAdd
         type_name: LOOKUP,
         payload,
         refs: Vec::new(),
-        hold: Vec::new(),
         fds: Vec::new(),
         reply: tx,
     })

@@ -59,30 +59,42 @@ thread_local! {
     static IN: RefCell<Option<InCtx>> = const { RefCell::new(None) };
 }
 
-/// What encoding a message produced.
-pub(crate) struct Encoded {
-    pub payload: Vec<u8>,
-    pub refs: Vec<OutRef>,
-    pub fds: Vec<OwnedFd>,
+thread_local! {
+    /// Reused for encoding, so a payload is written into warm memory once
+    /// and copied once, into its frame.
+    static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Encodes `value`, collecting the references and descriptors inside it.
-pub(crate) fn encode<T: Serialize>(value: &T) -> Result<Encoded, RemoteError> {
+/// The largest scratch buffer kept between messages.
+const SCRATCH_KEEP: usize = 4 << 20;
+
+/// Encodes `value` into a per-thread scratch buffer and hands the payload,
+/// with the references and descriptors found in it, to `build` (which
+/// copies the payload into a frame).
+pub(crate) fn encode_with<T: Serialize, R>(
+    value: &T,
+    build: impl FnOnce(&[u8], Vec<OutRef>, Vec<OwnedFd>) -> Result<R, RemoteError>,
+) -> Result<R, RemoteError> {
     let saved = OUT.with(|c| {
         c.borrow_mut().replace(OutCtx {
             refs: Vec::new(),
             fds: Vec::new(),
         })
     });
-    let result = codec::encode(value);
+    let mut buf = SCRATCH.with(|b| std::mem::take(&mut *b.borrow_mut()));
+    buf.clear();
+    let result = codec::encode_into(value, &mut buf);
     let ctx = OUT
         .with(|c| std::mem::replace(&mut *c.borrow_mut(), saved))
         .expect("set above");
-    Ok(Encoded {
-        payload: result?,
-        refs: ctx.refs,
-        fds: ctx.fds,
-    })
+    let out = match result {
+        Ok(()) => build(&buf, ctx.refs, ctx.fds),
+        Err(e) => Err(e),
+    };
+    if buf.capacity() <= SCRATCH_KEEP {
+        SCRATCH.with(|b| *b.borrow_mut() = buf);
+    }
+    out
 }
 
 /// Decodes `bytes` with the references and descriptors that came with it.

@@ -249,21 +249,22 @@ impl<A: Actor> RemoteAddr<A> {
                 let imp = imp.clone();
                 Box::pin(async move {
                     let (node, conn) = imp.connection().await?;
-                    let enc = refctx::encode(&msg)?;
+                    let (frame, fds, hold) = build_frame(
+                        &node,
+                        &conn,
+                        imp.id,
+                        M::TYPE.as_str(),
+                        courier_runtime::wire::REQUEST_TO_ASSIGN,
+                        &msg,
+                    )?;
                     drop(msg);
-                    if let Err(e) = check_fds(&conn, enc.fds.len()) {
-                        node.discard_out(&enc.refs);
-                        return Err(e);
-                    }
-                    let refs = node.account_out(&conn, &enc.refs)?;
                     let (tx, rx) = oneshot::channel();
-                    conn.send(Command::Call {
+                    conn.send(Command::CallFrame {
                         target: imp.id,
                         type_name: M::TYPE.as_str(),
-                        payload: enc.payload,
-                        refs,
-                        hold: enc.refs,
-                        fds: enc.fds,
+                        frame,
+                        fds,
+                        hold,
                         reply: tx,
                     })
                     .await?;
@@ -331,26 +332,64 @@ impl<A: Actor> RemoteAddr<A> {
                     .node
                     .upgrade()
                     .ok_or(imp.dead_error(DeadReason::NodeUnreachable))?;
-                let enc = refctx::encode(&msg)?;
-                if let Err(e) = check_fds(&conn, enc.fds.len()) {
-                    node.discard_out(&enc.refs);
-                    return Err(e);
-                }
-                let refs = node.account_out(&conn, &enc.refs)?;
+                let (frame, fds, hold) =
+                    build_frame(&node, &conn, imp.id, M::TYPE.as_str(), 0, &msg)?;
                 conn.try_send(
-                    Command::Cast {
+                    Command::CastFrame {
                         target: imp.id,
-                        type_name: M::TYPE.as_str(),
-                        payload: enc.payload,
-                        refs,
-                        hold: enc.refs,
-                        fds: enc.fds,
+                        frame,
+                        fds,
+                        hold,
                     },
                     imp.id,
                 )
             }
         }
     }
+}
+
+/// Encodes `msg` and builds its call (`request` is
+/// [`REQUEST_TO_ASSIGN`](courier_runtime::wire::REQUEST_TO_ASSIGN)) or cast
+/// (`request` 0) frame for `conn`, counting the references it carries: the
+/// payload is written once into warm scratch memory and copied once, into
+/// the frame.
+/// The frame of a call or cast, its descriptors, and the handles of the
+/// references in it (to be held until the frame is written: see
+/// `conn::Hold`).
+type Built = (bytes::BytesMut, Vec<std::os::fd::OwnedFd>, Vec<OutRef>);
+
+fn build_frame<T: serde::Serialize>(
+    node: &NodeShared,
+    conn: &ConnHandle,
+    target: ActorId,
+    type_name: &str,
+    request: u64,
+    msg: &T,
+) -> Result<Built, RemoteError> {
+    use courier_runtime::wire::{encode_call, CallHeader, CALL_HEADER_LEN, TAG_LEN};
+    refctx::encode_with(msg, |payload, refs, fds| {
+        if let Err(e) = check_fds(conn, fds.len()) {
+            node.discard_out(&refs);
+            return Err(e);
+        }
+        let wire = node.account_out(conn, &refs)?;
+        let mut frame = bytes::BytesMut::with_capacity(
+            CALL_HEADER_LEN + type_name.len() + wire.len() * 64 + payload.len() + TAG_LEN,
+        );
+        encode_call(
+            &mut frame,
+            &CallHeader {
+                request,
+                incarnation: target.incarnation,
+                target: target.local,
+                fds: fds.len() as u8,
+            },
+            type_name,
+            &wire,
+            payload,
+        );
+        Ok((frame, fds, refs))
+    })
 }
 
 fn check_fds(conn: &ConnHandle, n: usize) -> Result<(), RemoteError> {

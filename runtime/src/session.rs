@@ -565,6 +565,108 @@ impl Session {
         Ok(request)
     }
 
+    /// Sends a call whose frame the caller built with
+    /// [`crate::wire::encode_call`], its request id set to
+    /// [`crate::wire::REQUEST_TO_ASSIGN`]: the payload is not copied again.
+    /// Returns the request id assigned.
+    pub fn send_call_frame(
+        &mut self,
+        now: Instant,
+        target: ActorId,
+        mut frame: BytesMut,
+    ) -> Result<u64, RemoteError> {
+        let max_pending = self.config.max_pending_calls;
+        self.check_prebuilt(target, &frame, crate::wire::kind::CALL)?;
+        let o = self.open_mut()?;
+        if o.pending.len() >= max_pending {
+            return Err(RemoteError::LimitReached {
+                what: "calls awaiting replies on one connection",
+                max: max_pending as u64,
+            });
+        }
+        o.next_request += 1;
+        let request = o.next_request;
+        o.pending.insert(request);
+        frame[8..16].copy_from_slice(&request.to_be_bytes());
+        self.push_frame(now, frame);
+        Ok(request)
+    }
+
+    /// Sends a one-way message whose frame the caller built with
+    /// [`crate::wire::encode_call`] (request id 0).
+    pub fn send_cast_frame(
+        &mut self,
+        now: Instant,
+        target: ActorId,
+        frame: BytesMut,
+    ) -> Result<(), RemoteError> {
+        self.check_prebuilt(target, &frame, crate::wire::kind::CAST)?;
+        self.push_frame(now, frame);
+        Ok(())
+    }
+
+    /// Sends a reply whose frame the caller built with
+    /// [`crate::wire::encode_reply`].
+    pub fn send_reply_frame(&mut self, now: Instant, frame: BytesMut) -> Result<(), RemoteError> {
+        let max_frame = self.config.max_frame;
+        self.open_mut()?;
+        if frame.first() != Some(&crate::wire::kind::REPLY) {
+            return Err(RemoteError::Protocol {
+                peer: "peer".into(),
+                reason: "not a reply frame".into(),
+            });
+        }
+        if frame.len() > max_frame {
+            return Err(RemoteError::TooLarge {
+                size: frame.len(),
+                max: max_frame,
+            });
+        }
+        self.push_frame(now, frame);
+        Ok(())
+    }
+
+    fn check_prebuilt(
+        &mut self,
+        target: ActorId,
+        frame: &[u8],
+        kind: u8,
+    ) -> Result<(), RemoteError> {
+        let max_frame = self.config.max_frame;
+        let o = self.open_mut()?;
+        if let Some(bye) = &o.goodbye {
+            return Err(RemoteError::ConnectionLost {
+                peer: o.peer.node,
+                reason: format!("the peer said goodbye ({bye})"),
+            });
+        }
+        if target.node != o.peer.node {
+            return Err(RemoteError::Protocol {
+                peer: o.peer.node.to_string(),
+                reason: format!("actor {target} does not live on this peer"),
+            });
+        }
+        if target.incarnation != o.peer.incarnation {
+            return Err(RemoteError::DeadReference {
+                actor: target,
+                reason: crate::error::DeadReason::OldIncarnation,
+            });
+        }
+        if frame.len() < CALL_HEADER_LEN || frame[0] != kind {
+            return Err(RemoteError::Protocol {
+                peer: o.peer.node.to_string(),
+                reason: "malformed prebuilt frame".into(),
+            });
+        }
+        if frame.len() > max_frame {
+            return Err(RemoteError::TooLarge {
+                size: frame.len(),
+                max: max_frame,
+            });
+        }
+        Ok(())
+    }
+
     /// Answers a call.
     pub fn send_reply(
         &mut self,

@@ -731,6 +731,10 @@ fn decode_reply(frame: &Bytes) -> Result<Reply, DecodeError> {
     })
 }
 
+/// The request id to put in a call frame built ahead of
+/// [`crate::session::Session::send_call_frame`], which assigns the real one.
+pub const REQUEST_TO_ASSIGN: u64 = u64::MAX;
+
 /// Writes a call (`request != 0`) or cast (`request == 0`) envelope.
 pub fn encode_call(
     out: &mut BytesMut,

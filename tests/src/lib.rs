@@ -343,7 +343,7 @@ pub fn new_member(node: &Node) -> RemoteAddr<Member> {
 pub async fn node(listen: Option<&str>) -> Node {
     let mut b = Node::builder()
         .cookie(COOKIE)
-        .heartbeat(Duration::from_millis(200), Duration::from_millis(600));
+        .heartbeat(Duration::from_millis(500), Duration::from_millis(1500));
     if let Some(l) = listen {
         b = b.listen(l);
     }

@@ -156,3 +156,23 @@ fn quic_refuses_an_unpinned_peer() {
         assert_eq!(server.stats().calls_in, 0);
     });
 }
+
+#[test]
+fn over_tcp_with_frame_macs() {
+    // Loopback turns MACs off by default; a node that insists gets them,
+    // whatever the other side prefers.
+    run(async {
+        let server = Node::builder()
+            .cookie(COOKIE)
+            .listen("tcp://127.0.0.1:0")
+            .frame_mac(courier::FrameMac::Always)
+            .start()
+            .await
+            .unwrap();
+        export_counter(&server, "counter");
+        let addr = server.local_addrs()[0].to_string();
+        let client = Node::builder().cookie(COOKIE).start().await.unwrap();
+        let counter = client.lookup::<Counter>(&addr, "counter").await.unwrap();
+        request_reply_and_one_way(counter).await;
+    });
+}

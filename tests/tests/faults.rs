@@ -14,8 +14,8 @@ use rustix::process::Signal;
 
 const BIN: &str = env!("CARGO_BIN_EXE_courier-test-node");
 const PARTITION: &str = env!("CARGO_BIN_EXE_courier-partition");
-/// The test node's default heartbeat settings.
-const HEARTBEAT: Duration = Duration::from_millis(200);
+/// The test node's default heartbeat interval (timeout 1.5 s).
+const HEARTBEAT: Duration = Duration::from_millis(500);
 const SLACK: Duration = Duration::from_secs(5);
 
 fn run<F: std::future::Future<Output = ()>>(f: F) {

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use courier::{Limits, Node, RemoteError};
+use courier::{FrameMac, Limits, Node, RemoteError};
 use courier_tests::faults::{Faults, FaultyTransport};
 use courier_tests::*;
 
@@ -33,9 +33,17 @@ async fn pair(scheme: &str, dir: &std::path::Path) -> (Node, Node, String, Fault
     let faults = Faults::new();
     let transport =
         FaultyTransport::wrap(Arc::new(courier::transports::AnyTransport::new()), &faults);
+    // MACs on TCP as between two machines (on loopback, `Auto` leaves them
+    // off); Unix links never have them.
+    let mac = if scheme == "tcp" {
+        FrameMac::Always
+    } else {
+        FrameMac::Auto
+    };
     let client = Node::builder()
         .cookie(COOKIE)
         .heartbeat(INTERVAL, BOUND)
+        .frame_mac(mac)
         .limits(Limits::default())
         .transport(transport)
         .start()

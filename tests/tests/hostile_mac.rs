@@ -1,9 +1,13 @@
 //! Frame integrity on TCP: an on-path attacker (a proxy in the test that
 //! forwards bytes) flips one byte of a frame, or injects a frame, after the
-//! handshake. With frame MACs (on by default for TCP) the connection closes
-//! with a protocol error and the altered message is never delivered; with
-//! MACs turned off on both sides, the same flip is delivered, which is what
-//! the MAC is for.
+//! handshake. With frame MACs the connection closes with a protocol error
+//! and the altered message is never delivered; with MACs turned off on both
+//! sides, the same flip is delivered, which is what the MAC is for.
+//!
+//! `FrameMac::Auto` turns MACs on for TCP except to loopback addresses
+//! (an attacker there is already on the host), so these tests, which must
+//! run on loopback, ask for them with `FrameMac::Always`: what a link to
+//! another machine gets by default.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -130,9 +134,9 @@ async fn expect_protocol_close(r: Result<Result<u64, CounterError>, RemoteError>
 #[test]
 fn a_flipped_byte_after_the_handshake_closes_the_connection_undelivered() {
     run(async {
-        let (srv, addr) = server(FrameMac::Auto).await;
+        let (srv, addr) = server(FrameMac::Always).await;
         let (via, tamper) = proxy(addr.clone()).await;
-        let c = client(FrameMac::Auto).await;
+        let c = client(FrameMac::Always).await;
         let counter = c.lookup::<Counter>(&via, "counter").await.unwrap();
         assert_eq!(counter.send(Add(10)).await.unwrap(), Ok(10));
         let calls = srv.stats().calls_in;
@@ -156,9 +160,9 @@ fn a_flipped_byte_after_the_handshake_closes_the_connection_undelivered() {
 #[test]
 fn an_injected_frame_after_the_handshake_closes_the_connection_undelivered() {
     run(async {
-        let (srv, addr) = server(FrameMac::Auto).await;
+        let (srv, addr) = server(FrameMac::Always).await;
         let (via, tamper) = proxy(addr.clone()).await;
-        let c = client(FrameMac::Auto).await;
+        let c = client(FrameMac::Always).await;
         let counter = c.lookup::<Counter>(&via, "counter").await.unwrap();
         assert_eq!(counter.send(Add(10)).await.unwrap(), Ok(10));
         let id = counter.id().unwrap();

@@ -13,8 +13,8 @@ use rustix::process::Signal;
 
 const BIN: &str = env!("CARGO_BIN_EXE_courier-test-node");
 /// The heartbeat settings of `courier_tests::node` and the test node.
-const HEARTBEAT: Duration = Duration::from_millis(200);
-const DEAD_AFTER: Duration = Duration::from_millis(600);
+const HEARTBEAT: Duration = Duration::from_millis(500);
+const DEAD_AFTER: Duration = Duration::from_millis(1500);
 /// Room for a slow, shared machine on top of the protocol's own bound.
 const SLACK: Duration = Duration::from_secs(3);
 

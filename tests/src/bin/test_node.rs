@@ -28,7 +28,7 @@ async fn main() {
     let mut listen = None;
     let mut relay = None;
     let mut node_id = None;
-    let mut heartbeat = (Duration::from_millis(200), Duration::from_millis(600));
+    let mut heartbeat = (Duration::from_millis(500), Duration::from_millis(1500));
     let mut it = args.iter();
     while let Some(a) = it.next() {
         let mut value = || it.next().expect("flag value").clone();
