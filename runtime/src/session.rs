@@ -504,24 +504,7 @@ impl Session {
         let max_frame = self.config.max_frame;
         let max_pending = self.config.max_pending_calls;
         let o = self.open_mut()?;
-        if let Some(bye) = &o.goodbye {
-            return Err(RemoteError::ConnectionLost {
-                peer: o.peer.node,
-                reason: format!("the peer said goodbye ({bye})"),
-            });
-        }
-        if target.node != o.peer.node {
-            return Err(RemoteError::Protocol {
-                peer: o.peer.node.to_string(),
-                reason: format!("actor {target} does not live on this peer"),
-            });
-        }
-        if target.incarnation != o.peer.incarnation {
-            return Err(RemoteError::DeadReference {
-                actor: target,
-                reason: crate::error::DeadReason::OldIncarnation,
-            });
-        }
+        o.check_target(target)?;
         validate_type_name(type_name.as_bytes()).map_err(|e| RemoteError::Codec {
             op: "encode",
             type_name: type_name.to_owned(),
@@ -634,24 +617,7 @@ impl Session {
     ) -> Result<(), RemoteError> {
         let max_frame = self.config.max_frame;
         let o = self.open_mut()?;
-        if let Some(bye) = &o.goodbye {
-            return Err(RemoteError::ConnectionLost {
-                peer: o.peer.node,
-                reason: format!("the peer said goodbye ({bye})"),
-            });
-        }
-        if target.node != o.peer.node {
-            return Err(RemoteError::Protocol {
-                peer: o.peer.node.to_string(),
-                reason: format!("actor {target} does not live on this peer"),
-            });
-        }
-        if target.incarnation != o.peer.incarnation {
-            return Err(RemoteError::DeadReference {
-                actor: target,
-                reason: crate::error::DeadReason::OldIncarnation,
-            });
-        }
+        o.check_target(target)?;
         if frame.len() < CALL_HEADER_LEN || frame[0] != kind {
             return Err(RemoteError::Protocol {
                 peer: o.peer.node.to_string(),
@@ -858,6 +824,29 @@ impl From<ProtocolError> for Incoming {
 }
 
 impl Open {
+    /// Whether a message to `target` may go out on this session.
+    fn check_target(&self, target: ActorId) -> Result<(), RemoteError> {
+        if let Some(bye) = &self.goodbye {
+            return Err(RemoteError::ConnectionLost {
+                peer: self.peer.node,
+                reason: format!("the peer said goodbye ({bye})"),
+            });
+        }
+        if target.node != self.peer.node {
+            return Err(RemoteError::Protocol {
+                peer: self.peer.node.to_string(),
+                reason: format!("actor {target} does not live on this peer"),
+            });
+        }
+        if target.incarnation != self.peer.incarnation {
+            return Err(RemoteError::DeadReference {
+                actor: target,
+                reason: crate::error::DeadReason::OldIncarnation,
+            });
+        }
+        Ok(())
+    }
+
     fn receive(
         &mut self,
         now: Instant,
