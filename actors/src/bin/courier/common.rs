@@ -372,6 +372,48 @@ pub fn bytes(n: u64) -> String {
     }
 }
 
+/// Looks up the node-info actor at `addr` (through a client node made from
+/// `cfg`), asks it `question`, and prints the answer as JSON or with
+/// `text` (given the answer and this command's own node id). `what` names
+/// the request in errors ("list", "report").
+pub async fn ask_node_info<Q, R>(
+    cfg: &Config,
+    addr: &str,
+    question: Q,
+    what: &str,
+    json: bool,
+    text: impl FnOnce(&R, &str) -> String,
+) -> Result<(), Failure>
+where
+    Q: courier::RemoteMessage<Result = Result<R, String>>,
+    courier::info::NodeInfo: actix::Handler<Q>,
+    R: serde::Serialize + serde::de::DeserializeOwned + Send + 'static,
+{
+    let node = client_node(cfg, addr).await?;
+    let timeout = timeout(cfg);
+    let info = within(
+        timeout,
+        node.lookup::<courier::info::NodeInfo>(addr, courier::info::NODE_INFO),
+    )
+    .await
+    .map_err(|e| classify(&e, addr))?;
+    let answer = info
+        .send(question)
+        .timeout(timeout)
+        .await
+        .map_err(|e| classify(&e, addr))?
+        .map_err(|e| Failure::failed(format!("{addr} could not {what}: {e}")))?;
+    if json {
+        let out = serde_json::to_string_pretty(&answer)
+            .map_err(|e| Failure::failed(format!("cannot write JSON: {e}")))?;
+        println!("{out}");
+    } else {
+        print!("{}", text(&answer, &courier::info::node_hex(&node.id())));
+    }
+    node.shutdown().await;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,9 +4,9 @@
 
 use std::path::Path;
 
-use courier::info::{node_hex, Ls, NodeInfo, NodeListing, NODE_INFO};
+use courier::info::{Ls, NodeListing};
 
-use crate::common::{self, classify, ConnArgs, Failure};
+use crate::common::{self, ConnArgs, Failure};
 
 /// Flags of `courier ls`.
 #[derive(Debug, clap::Args)]
@@ -24,30 +24,14 @@ pub struct Args {
 
 pub fn run(config: Option<&Path>, args: Args) -> Result<(), Failure> {
     let cfg = common::load(config, args.conn.overrides()?)?;
-    common::block_on(async move {
-        let node = common::client_node(&cfg, &args.addr).await?;
-        let addr = args.addr.as_str();
-        let timeout = common::timeout(&cfg);
-        let info = common::within(timeout, node.lookup::<NodeInfo>(addr, NODE_INFO))
-            .await
-            .map_err(|e| classify(&e, addr))?;
-        let listing = info
-            .send(Ls)
-            .timeout(timeout)
-            .await
-            .map_err(|e| classify(&e, addr))?
-            .map_err(|e| Failure::failed(format!("{addr} could not list: {e}")))?;
-        let me = node_hex(&node.id());
-        if args.json {
-            let text = serde_json::to_string_pretty(&listing)
-                .map_err(|e| Failure::failed(format!("cannot write JSON: {e}")))?;
-            println!("{text}");
-        } else {
-            print!("{}", render(&listing, &me));
-        }
-        node.shutdown().await;
-        Ok(())
-    })
+    common::block_on(common::ask_node_info(
+        &cfg,
+        &args.addr,
+        Ls,
+        "list",
+        args.json,
+        |l: &NodeListing, me: &str| render(l, me),
+    ))
 }
 
 /// The listing as text; `me` is this command's own node id, marked among

@@ -2,9 +2,9 @@
 
 use std::path::Path;
 
-use courier::info::{NodeInfo, Stats, StatsReport, NODE_INFO};
+use courier::info::{Stats, StatsReport};
 
-use crate::common::{self, bytes, classify, count, us, ConnArgs, Failure};
+use crate::common::{self, bytes, count, us, ConnArgs, Failure};
 
 /// Flags of `courier stats`.
 #[derive(Debug, clap::Args)]
@@ -22,29 +22,14 @@ pub struct Args {
 
 pub fn run(config: Option<&Path>, args: Args) -> Result<(), Failure> {
     let cfg = common::load(config, args.conn.overrides()?)?;
-    common::block_on(async move {
-        let node = common::client_node(&cfg, &args.addr).await?;
-        let addr = args.addr.as_str();
-        let timeout = common::timeout(&cfg);
-        let info = common::within(timeout, node.lookup::<NodeInfo>(addr, NODE_INFO))
-            .await
-            .map_err(|e| classify(&e, addr))?;
-        let report = info
-            .send(Stats)
-            .timeout(timeout)
-            .await
-            .map_err(|e| classify(&e, addr))?
-            .map_err(|e| Failure::failed(format!("{addr} could not report: {e}")))?;
-        if args.json {
-            let text = serde_json::to_string_pretty(&report)
-                .map_err(|e| Failure::failed(format!("cannot write JSON: {e}")))?;
-            println!("{text}");
-        } else {
-            print!("{}", render(&report));
-        }
-        node.shutdown().await;
-        Ok(())
-    })
+    common::block_on(common::ask_node_info(
+        &cfg,
+        &args.addr,
+        Stats,
+        "report",
+        args.json,
+        |r: &StatsReport, _: &str| render(r),
+    ))
 }
 
 /// The report as text.
