@@ -56,6 +56,8 @@ fn unknown_name_unknown_message_and_timeout() {
         let e = client.lookup::<Counter>(&addr, "nobody").await.unwrap_err();
         assert!(matches!(e, RemoteError::UnknownActor { .. }), "{e}");
         let counter = client.lookup::<Counter>(&addr, "counter").await.unwrap();
+        // Both lookups went over one connection.
+        assert_eq!(client.peers().len(), 1);
         let e = counter.send(NotHandled).await.unwrap_err();
         assert!(
             matches!(&e, RemoteError::UnknownMessage { message_type, .. } if message_type == "test.counter.not_handled"),
