@@ -7,6 +7,7 @@
 //! use `sendmsg` with `MSG_NOSIGNAL`. The framing (which frame owns which
 //! descriptors) is described in [`crate::stream`].
 
+use std::cell::RefCell;
 use std::io::{self, IoSlice, IoSliceMut};
 use std::mem::MaybeUninit;
 use std::os::fd::{BorrowedFd, OwnedFd};
@@ -29,8 +30,17 @@ use crate::sys::AdoptGuard;
 /// sender that packs more into one message is caught by `MSG_CTRUNC`.
 const CMSG_SPACE: usize = rustix::cmsg_space!(ScmRights(MAX_FDS_PER_FRAME));
 
-/// The most bytes one `recvmsg` asks for (the buffer is zeroed first).
+/// The most bytes one `recvmsg` asks for.
 const MAX_READ: usize = 256 * 1024;
+
+thread_local! {
+    /// Zeroed space `recvmsg` reads into, on each thread that reads; the
+    /// bytes are then appended to the link's buffer. Safe code cannot hand
+    /// the kernel uninitialised memory, and zeroing the read buffer's spare
+    /// room before every read cost more than this copy (a 4 KiB `memset`
+    /// per 100-byte message).
+    static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
 
 /// A connected Unix-domain stream socket.
 #[derive(Debug)]
@@ -98,45 +108,60 @@ impl RawStream for FdStream {
                     e,
                 )));
             }
-            let start = buf.len();
-            buf.resize(start + want, 0);
             let mut space = [MaybeUninit::<u8>::uninit(); CMSG_SPACE];
             let mut control = RecvAncillaryBuffer::new(&mut space);
-            let res = self.io.try_io(Interest::READABLE, || {
-                let mut iov = [IoSliceMut::new(&mut buf[start..])];
-                rustix::net::recvmsg(
-                    &self.io,
-                    &mut iov,
-                    &mut control,
-                    RecvFlags::CMSG_CLOEXEC | RecvFlags::DONTWAIT,
-                )
-                .map_err(io::Error::from)
-            });
-            match res {
-                Ok(msg) => {
-                    buf.truncate(start + msg.bytes);
+            let mut got: Option<(usize, bool)> = None;
+            let before = fds.len();
+            // A read that comes back short and carried no descriptors
+            // emptied the socket: the kernel stops a stream read early only
+            // at the end of the queue or just after data that carried
+            // descriptors. Such a read reports `WouldBlock` to tokio so it
+            // forgets the readiness, and the next poll waits for the next
+            // edge instead of asking the kernel again (one `recvmsg` per
+            // message, not two).
+            let res = SCRATCH.with_borrow_mut(|scratch| {
+                if scratch.len() < want {
+                    scratch.resize(want, 0);
+                }
+                self.io.try_io(Interest::READABLE, || {
+                    let mut iov = [IoSliceMut::new(&mut scratch[..want])];
+                    let msg = rustix::net::recvmsg(
+                        &self.io,
+                        &mut iov,
+                        &mut control,
+                        RecvFlags::CMSG_CLOEXEC | RecvFlags::DONTWAIT,
+                    )
+                    .map_err(io::Error::from)?;
                     // Own every descriptor at once, whatever happens next.
                     for m in control.drain() {
                         if let RecvAncillaryMessage::ScmRights(received) = m {
                             fds.extend(received);
                         }
                     }
-                    if msg.flags.contains(ReturnFlags::CTRUNC) {
-                        fds.clear();
-                        return Poll::Ready(Err(TransportError::FdsTruncated));
+                    let truncated = msg.flags.contains(ReturnFlags::CTRUNC);
+                    got = Some((msg.bytes, truncated));
+                    buf.extend_from_slice(&scratch[..msg.bytes]);
+                    if msg.bytes > 0 && msg.bytes < want && fds.len() == before && !truncated {
+                        return Err(io::ErrorKind::WouldBlock.into());
                     }
-                    return Poll::Ready(Ok(msg.bytes));
+                    Ok(())
+                })
+            });
+            if let Some((n, truncated)) = got {
+                if truncated {
+                    fds.clear();
+                    return Poll::Ready(Err(TransportError::FdsTruncated));
                 }
-                Err(e) => {
-                    buf.truncate(start);
-                    match e.kind() {
-                        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => continue,
-                        _ => {
-                            return Poll::Ready(Err(TransportError::io(
-                                format!("receive on {}", self.scheme),
-                                e,
-                            )))
-                        }
+                return Poll::Ready(Ok(n));
+            }
+            if let Err(e) = res {
+                match e.kind() {
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => continue,
+                    _ => {
+                        return Poll::Ready(Err(TransportError::io(
+                            format!("receive on {}", self.scheme),
+                            e,
+                        )))
                     }
                 }
             }

@@ -325,6 +325,25 @@ impl<S: RawStream> StreamLink<S> {
         SMALL.min(self.read_chunk.max(1024))
     }
 
+    /// Makes room for the rest of the frame being read in one allocation,
+    /// rather than growing (and copying) the buffer read by read. The
+    /// length was checked against the maximum when its prefix arrived; the
+    /// room taken ahead of the data is capped so an announced frame that
+    /// never comes cannot pin much memory.
+    fn reserve_for_frame(&mut self, want: usize) {
+        const AHEAD_MAX: usize = 8 << 20;
+        let have = self.rbuf.len();
+        let mut need = want;
+        if have >= PREFIX_LEN {
+            let len = u32::from_be_bytes([self.rbuf[0], self.rbuf[1], self.rbuf[2], self.rbuf[3]])
+                as usize;
+            need = need.max((PREFIX_LEN + len).saturating_sub(have).min(AHEAD_MAX));
+        }
+        if self.rbuf.capacity() - have < need {
+            self.rbuf.reserve(need);
+        }
+    }
+
     fn try_decode(&mut self) -> Result<Option<Frame>, TransportError> {
         let before = self.rbuf.len();
         let start = self.consumed;
@@ -518,6 +537,7 @@ impl<S: RawStream> Link for StreamLink<S> {
                 };
             }
             let want = self.read_want();
+            self.reserve_for_frame(want);
             let res = ready!(self.io.poll_read_some(cx, &mut self.rbuf, want, &mut fds));
             match res {
                 Ok(0) => {

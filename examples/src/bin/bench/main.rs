@@ -92,6 +92,7 @@ impl Budget {
     }
 }
 
+#[derive(Clone)]
 struct Args {
     budget: Budget,
     quick: bool,
@@ -178,7 +179,13 @@ fn main() {
             std::process::exit(2);
         }
     };
-    let mut samples = actix::System::new().block_on(run(&args));
+    // The measurements run as a task on the arbiter, as actor code does,
+    // not as the future `block_on` drives: tokio polls its I/O driver once
+    // more (an extra `epoll_wait`) each time that future is woken.
+    let task_args = args.clone();
+    let mut samples = actix::System::new()
+        .block_on(async move { actix::spawn(async move { run(&task_args).await }).await })
+        .expect("benchmark task");
     if args.only.is_empty() || args.only.iter().any(|o| o == "memory") {
         samples.extend(memory_in_child(args.budget.mem_conns, args.budget.mem_refs));
     }
@@ -233,6 +240,9 @@ async fn run(args: &Args) -> Vec<Sample> {
     std::fs::create_dir_all(&dir).expect("temp dir");
     let b = args.budget;
     let want = |m: &str| args.only.is_empty() || args.only.iter().any(|o| o == m);
+    // For profiling one implementation alone: BENCH_IMPL=raw|raw+cbor|courier.
+    let imp = std::env::var("BENCH_IMPL").ok();
+    let run_impl = |i: &str| imp.as_deref().is_none_or(|x| x == i);
     let mut out = Vec::new();
     eprintln!(
         "courier bench: {} round(s), transports {:?}{}",
@@ -245,26 +255,42 @@ async fn run(args: &Args) -> Vec<Sample> {
         for &kind in &args.transports {
             let t = kind.name();
             if want("rtt") {
-                let r = raw::rtt(kind, &dir, b.rtt_iters, false).await;
-                out.extend(r.samples(t, "rtt", "raw"));
-                let r = raw::rtt(kind, &dir, b.rtt_iters, true).await;
-                out.extend(r.samples(t, "rtt", "raw+cbor"));
-                let r = courier_side::rtt(kind, &dir, b.rtt_iters).await;
-                out.extend(r.samples(t, "rtt", "courier"));
+                if run_impl("raw") {
+                    let r = raw::rtt(kind, &dir, b.rtt_iters, false).await;
+                    out.extend(r.samples(t, "rtt", "raw"));
+                }
+                if run_impl("raw+cbor") {
+                    let r = raw::rtt(kind, &dir, b.rtt_iters, true).await;
+                    out.extend(r.samples(t, "rtt", "raw+cbor"));
+                }
+                if run_impl("courier") {
+                    let r = courier_side::rtt(kind, &dir, b.rtt_iters).await;
+                    out.extend(r.samples(t, "rtt", "courier"));
+                }
             }
             if want("oneway") {
-                let r = raw::oneway(kind, &dir, b.oneway_msgs, false).await;
-                out.push(r.sample(t, "oneway", "raw"));
-                let r = raw::oneway(kind, &dir, b.oneway_msgs, true).await;
-                out.push(r.sample(t, "oneway", "raw+cbor"));
-                let r = courier_side::oneway(kind, &dir, b.oneway_msgs).await;
-                out.push(r.sample(t, "oneway", "courier"));
+                if run_impl("raw") {
+                    let r = raw::oneway(kind, &dir, b.oneway_msgs, false).await;
+                    out.push(r.sample(t, "oneway", "raw"));
+                }
+                if run_impl("raw+cbor") {
+                    let r = raw::oneway(kind, &dir, b.oneway_msgs, true).await;
+                    out.push(r.sample(t, "oneway", "raw+cbor"));
+                }
+                if run_impl("courier") {
+                    let r = courier_side::oneway(kind, &dir, b.oneway_msgs).await;
+                    out.push(r.sample(t, "oneway", "courier"));
+                }
             }
             if want("1mib") {
-                let r = raw::big(kind, &dir, b.big_iters).await;
-                out.push(r.sample(t, "1mib", "raw"));
-                let r = courier_side::big(kind, &dir, b.big_iters).await;
-                out.push(r.sample(t, "1mib", "courier"));
+                if run_impl("raw") {
+                    let r = raw::big(kind, &dir, b.big_iters).await;
+                    out.push(r.sample(t, "1mib", "raw"));
+                }
+                if run_impl("courier") {
+                    let r = courier_side::big(kind, &dir, b.big_iters).await;
+                    out.push(r.sample(t, "1mib", "courier"));
+                }
             }
             if want("64callers") {
                 let r = raw::pipelined(kind, &dir, b.concurrent_calls, 64).await;
