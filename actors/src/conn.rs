@@ -227,6 +227,8 @@ pub(crate) struct Driver {
     pending: HashMap<u64, Pending>,
     timer: Pin<Box<tokio::time::Sleep>>,
     timer_at: Option<Instant>,
+    /// The time read for the current round of work (see `round_now`).
+    clock: Option<Instant>,
     closing_since: Option<Instant>,
     link_done: bool,
     remote: String,
@@ -303,6 +305,7 @@ impl Driver {
             pending: HashMap::new(),
             timer: Box::pin(tokio::time::sleep(Duration::from_secs(3600))),
             timer_at: None,
+            clock: None,
             closing_since: None,
             link_done: false,
             remote,
@@ -343,8 +346,15 @@ impl Driver {
         }
     }
 
+    /// The time for this round of the driver's loop: read once per round
+    /// rather than once per frame, which is plenty for heartbeats and the
+    /// latency histogram.
+    fn round_now(&mut self) -> Instant {
+        *self.clock.get_or_insert_with(now)
+    }
+
     fn on_command(&mut self, cmd: Command) {
-        let t = now();
+        let t = self.round_now();
         match cmd {
             Command::Call {
                 target,
@@ -497,7 +507,8 @@ impl Driver {
     fn on_frame(&mut self, frame: Frame) {
         let Frame { payload, fds } = frame;
         Metrics::add(&self.node.metrics.bytes_in, payload.len() as u64);
-        self.session.handle_frame(now(), payload);
+        let t = self.round_now();
+        self.session.handle_frame(t, payload);
         let mut fds = Some(fds);
         while let Some(ev) = self.session.poll_event() {
             self.on_event(ev, &mut fds);
@@ -565,7 +576,7 @@ impl Driver {
                     fds,
                 };
                 if let Some(p) = self.pending.remove(&reply.request) {
-                    let rtt = now().saturating_duration_since(p.sent);
+                    let rtt = self.round_now().saturating_duration_since(p.sent);
                     self.node.metrics.latency.record(rtt);
                     p.span.in_scope(|| {
                         debug!(status = ?r.status, rtt_us = rtt.as_micros() as u64, "reply received")
@@ -749,51 +760,48 @@ impl Future for Driver {
         let span = this.span.clone();
         let _entered = span.enter();
         this.check_eviction(cx);
+        // Each round polls every source once, in the order work flows:
+        // frames in, then the deliveries they started, then commands, then
+        // frames out. A source that returned `Pending` has our waker, so
+        // another round is needed only when a step leaves work for an
+        // earlier one (`again`): a batch limit hit, reading held back and
+        // since allowed, a command queue that was full and has room, or
+        // the timer firing.
         for _round in 0..32 {
-            let mut progress = false;
-
-            // Deliveries finishing: their replies go straight out.
-            if let Some(f) = this.blocking.as_mut() {
-                if let Poll::Ready(cmd) = f.as_mut().poll(cx) {
-                    this.blocking = None;
-                    if let Some(cmd) = cmd {
-                        this.on_command(cmd);
-                    }
-                    progress = true;
-                }
-            }
-            while let Poll::Ready(Some(cmd)) = this.inbound.poll_next_unpin(cx) {
-                if let Some(cmd) = cmd {
-                    this.on_command(cmd);
-                }
-                progress = true;
-            }
+            let mut again = false;
+            this.clock = None;
 
             // Frames in.
+            let mut read_held = true;
             if !this.link_done && this.reading_allowed() {
-                for _ in 0..BATCH {
+                read_held = false;
+                let mut n = 0;
+                loop {
+                    if n == BATCH {
+                        again = true;
+                        break;
+                    }
+                    n += 1;
                     match this.link.poll_recv(cx) {
-                        Poll::Ready(Some(Ok(frame))) => {
-                            this.on_frame(frame);
-                            progress = true;
-                        }
+                        Poll::Ready(Some(Ok(frame))) => this.on_frame(frame),
                         Poll::Ready(Some(Err(e))) => {
                             this.link_done = true;
                             this.link_error = Some(e.to_string());
                             this.session.handle_link_lost(e.to_string());
-                            progress = true;
+                            again = true;
                             break;
                         }
                         Poll::Ready(None) => {
                             this.link_done = true;
                             this.session
                                 .handle_link_lost("the peer closed the connection");
-                            progress = true;
+                            again = true;
                             break;
                         }
                         Poll::Pending => break,
                     }
                     if !this.reading_allowed() {
+                        read_held = true;
                         break;
                     }
                 }
@@ -802,9 +810,28 @@ impl Future for Driver {
                 }
             }
 
+            // Deliveries, including any just started (a new future is
+            // first polled here): their replies go straight out.
+            if let Some(f) = this.blocking.as_mut() {
+                if let Poll::Ready(cmd) = f.as_mut().poll(cx) {
+                    this.blocking = None;
+                    if let Some(cmd) = cmd {
+                        this.on_command(cmd);
+                    }
+                }
+            }
+            while let Poll::Ready(Some(cmd)) = this.inbound.poll_next_unpin(cx) {
+                if let Some(cmd) = cmd {
+                    this.on_command(cmd);
+                }
+            }
+
             // While reading is paused by our own backpressure, the peer
             // is not to blame for the silence.
             let allowed = this.reading_allowed();
+            if read_held && allowed && !this.link_done {
+                again = true;
+            }
             if !allowed {
                 this.session.handle_activity(now());
             }
@@ -821,28 +848,37 @@ impl Future for Driver {
             // Control commands in (never held back: they are small and
             // must not be lost).
             if this.session.is_established() && !this.session.is_closed() {
-                for _ in 0..BATCH {
+                let mut n = 0;
+                loop {
+                    if n == BATCH {
+                        again = true;
+                        break;
+                    }
+                    n += 1;
                     match this.ctl_rx.poll_recv(cx) {
-                        Poll::Ready(Some(cmd)) => {
-                            this.on_command(cmd);
-                            progress = true;
-                        }
+                        Poll::Ready(Some(cmd)) => this.on_command(cmd),
                         Poll::Ready(None) | Poll::Pending => break,
                     }
                 }
             }
 
             // Commands in.
+            let mut commands_held = true;
             if this.accepting_commands() {
-                for _ in 0..BATCH {
+                commands_held = false;
+                let mut n = 0;
+                loop {
+                    if n == BATCH {
+                        again = true;
+                        break;
+                    }
+                    n += 1;
                     match this.rx.poll_recv(cx) {
-                        Poll::Ready(Some(cmd)) => {
-                            this.on_command(cmd);
-                            progress = true;
-                        }
+                        Poll::Ready(Some(cmd)) => this.on_command(cmd),
                         Poll::Ready(None) | Poll::Pending => break,
                     }
                     if !this.accepting_commands() {
+                        commands_held = true;
                         break;
                     }
                 }
@@ -853,23 +889,27 @@ impl Future for Driver {
 
             // Frames out.
             if !this.link_done {
-                match this.poll_write(cx) {
-                    Ok(p) => progress |= p,
-                    Err(e) => {
-                        this.link_done = true;
-                        this.link_error = Some(e.to_string());
-                        this.session.handle_link_lost(e.to_string());
-                        while let Some(ev) = this.session.poll_event() {
-                            this.on_event(ev, &mut None);
-                        }
-                        progress = true;
+                if let Err(e) = this.poll_write(cx) {
+                    this.link_done = true;
+                    this.link_error = Some(e.to_string());
+                    this.session.handle_link_lost(e.to_string());
+                    while let Some(ev) = this.session.poll_event() {
+                        this.on_event(ev, &mut None);
                     }
+                    again = true;
                 }
+            }
+            if commands_held && this.accepting_commands() {
+                again = true;
             }
 
             // Time.
             if let Some(at) = this.session.poll_timeout() {
-                if this.timer_at != Some(at) {
+                // The deadline moves later with every frame; re-arming the
+                // timer each time costs more than letting it fire early
+                // once and re-arming then (`handle_timeout` does nothing
+                // before the deadline).
+                if this.timer_at.is_none_or(|armed| armed > at) {
                     this.timer_at = Some(at);
                     this.timer.as_mut().reset(at.into());
                 }
@@ -879,7 +919,7 @@ impl Future for Driver {
                     while let Some(ev) = this.session.poll_event() {
                         this.on_event(ev, &mut None);
                     }
-                    progress = true;
+                    again = true;
                 }
             }
 
@@ -899,15 +939,15 @@ impl Future for Driver {
                     }
                     return Poll::Ready(());
                 }
-                if let (Some(since), None) = (this.closing_since, this.timer_at) {
-                    let at = since + CLOSE_GRACE;
+                let grace_end = this.closing_since.map(|t| t + CLOSE_GRACE);
+                if let Some(at) = grace_end.filter(|&at| this.timer_at.is_none_or(|t| t > at)) {
                     this.timer_at = Some(at);
                     this.timer.as_mut().reset(at.into());
                     let _ = this.timer.as_mut().poll(cx);
                 }
             }
 
-            if !progress {
+            if !again {
                 return Poll::Pending;
             }
         }
