@@ -81,9 +81,10 @@ impl ReplySink {
     /// Encodes `value` (with any references or descriptors in it) as the
     /// reply command for the connection's driver.
     pub fn reply<T: Serialize>(mut self, value: &T) -> Command {
-        use courier_runtime::wire::{encode_reply, REPLY_HEADER_LEN, TAG_LEN};
+        use courier_runtime::wire::{encode_reply_head, REPLY_HEADER_LEN, TAG_LEN};
         self.done = true;
-        let built = refctx::encode_with(value, |payload, refs, fds| {
+        let room = REPLY_HEADER_LEN;
+        let built = refctx::encode_with(value, room, |buf, refs, fds| {
             if !fds.is_empty() && !self.conn.0.caps.carries_fds {
                 self.node.discard_out(&refs);
                 return Ok(self.status_command(
@@ -96,17 +97,23 @@ impl ReplySink {
             }
             match self.node.account_out(&self.conn, &refs) {
                 Ok(wire) => {
-                    let mut frame = bytes::BytesMut::with_capacity(
-                        REPLY_HEADER_LEN + wire.len() * 64 + payload.len() + TAG_LEN,
+                    let payload_len = buf.len() - room;
+                    let mut head = bytes::BytesMut::with_capacity(
+                        room + wire.len() * 64 + payload_len + TAG_LEN,
                     );
-                    encode_reply(
-                        &mut frame,
+                    encode_reply_head(
+                        &mut head,
                         self.request,
                         ReplyStatus::Ok,
                         fds.len() as u8,
                         &wire,
-                        payload,
                     );
+                    let frame = if wire.is_empty() && payload_len >= refctx::HANDOVER_MIN {
+                        refctx::hand_over(buf, &head)
+                    } else {
+                        head.extend_from_slice(&buf[room..]);
+                        head
+                    };
                     Ok(Command::ReplyFrame {
                         frame,
                         fds,

@@ -68,12 +68,19 @@ thread_local! {
 /// The largest scratch buffer kept between messages.
 const SCRATCH_KEEP: usize = 4 << 20;
 
-/// Encodes `value` into a per-thread scratch buffer and hands the payload,
-/// with the references and descriptors found in it, to `build` (which
-/// copies the payload into a frame).
+/// From this payload size on, the scratch buffer itself becomes the frame
+/// (see [`hand_over`]) instead of being copied into one.
+pub(crate) const HANDOVER_MIN: usize = 64 * 1024;
+
+/// Encodes `value` into a per-thread scratch buffer, after `room` bytes
+/// left for the envelope's head, and hands the buffer, with the references
+/// and descriptors found in the value, to `build`. The payload is
+/// `buf[room..]`; `build` copies it into a frame or takes the buffer with
+/// [`hand_over`].
 pub(crate) fn encode_with<T: Serialize, R>(
     value: &T,
-    build: impl FnOnce(&[u8], Vec<OutRef>, Vec<OwnedFd>) -> Result<R, RemoteError>,
+    room: usize,
+    build: impl FnOnce(&mut Vec<u8>, Vec<OutRef>, Vec<OwnedFd>) -> Result<R, RemoteError>,
 ) -> Result<R, RemoteError> {
     let saved = OUT.with(|c| {
         c.borrow_mut().replace(OutCtx {
@@ -83,18 +90,34 @@ pub(crate) fn encode_with<T: Serialize, R>(
     });
     let mut buf = SCRATCH.with(|b| std::mem::take(&mut *b.borrow_mut()));
     buf.clear();
+    buf.resize(room, 0);
     let result = codec::encode_into(value, &mut buf);
     let ctx = OUT
         .with(|c| std::mem::replace(&mut *c.borrow_mut(), saved))
         .expect("set above");
     let out = match result {
-        Ok(()) => build(&buf, ctx.refs, ctx.fds),
+        Ok(()) => build(&mut buf, ctx.refs, ctx.fds),
         Err(e) => Err(e),
     };
     if buf.capacity() <= SCRATCH_KEEP {
         SCRATCH.with(|b| *b.borrow_mut() = buf);
     }
     out
+}
+
+/// Makes the scratch buffer `buf` (room for `head`, then a large payload)
+/// the frame itself: `head` is written into the room and the buffer is
+/// taken, with space for a MAC tag, leaving an empty one of the same
+/// capacity behind. Saves copying a large payload once more.
+pub(crate) fn hand_over(buf: &mut Vec<u8>, head: &[u8]) -> bytes::BytesMut {
+    buf[..head.len()].copy_from_slice(head);
+    buf.reserve(courier_runtime::wire::TAG_LEN);
+    let keep = buf.capacity().min(SCRATCH_KEEP);
+    // Unique, so the conversion back to a mutable buffer copies nothing.
+    bytes::BytesMut::from(bytes::Bytes::from(std::mem::replace(
+        buf,
+        Vec::with_capacity(keep),
+    )))
 }
 
 /// Decodes `bytes` with the references and descriptors that came with it.

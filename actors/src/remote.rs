@@ -366,28 +366,32 @@ fn build_frame<T: serde::Serialize>(
     request: u64,
     msg: &T,
 ) -> Result<Built, RemoteError> {
-    use courier_runtime::wire::{encode_call, CallHeader, CALL_HEADER_LEN, TAG_LEN};
-    refctx::encode_with(msg, |payload, refs, fds| {
+    use courier_runtime::wire::{encode_call_head, CallHeader, CALL_HEADER_LEN, TAG_LEN};
+    let room = CALL_HEADER_LEN + type_name.len();
+    refctx::encode_with(msg, room, |buf, refs, fds| {
         if let Err(e) = check_fds(conn, fds.len()) {
             node.discard_out(&refs);
             return Err(e);
         }
         let wire = node.account_out(conn, &refs)?;
-        let mut frame = bytes::BytesMut::with_capacity(
-            CALL_HEADER_LEN + type_name.len() + wire.len() * 64 + payload.len() + TAG_LEN,
-        );
-        encode_call(
-            &mut frame,
-            &CallHeader {
-                request,
-                incarnation: target.incarnation,
-                target: target.local,
-                fds: fds.len() as u8,
-            },
-            type_name,
-            &wire,
-            payload,
-        );
+        let header = CallHeader {
+            request,
+            incarnation: target.incarnation,
+            target: target.local,
+            fds: fds.len() as u8,
+        };
+        let payload_len = buf.len() - room;
+        let frame = if wire.is_empty() && payload_len >= refctx::HANDOVER_MIN {
+            let mut head = bytes::BytesMut::with_capacity(room);
+            encode_call_head(&mut head, &header, type_name, &wire);
+            refctx::hand_over(buf, &head)
+        } else {
+            let mut frame =
+                bytes::BytesMut::with_capacity(room + wire.len() * 64 + payload_len + TAG_LEN);
+            encode_call_head(&mut frame, &header, type_name, &wire);
+            frame.extend_from_slice(&buf[room..]);
+            frame
+        };
         Ok((frame, fds, refs))
     })
 }

@@ -1,5 +1,7 @@
 //! CBOR payloads (ciborium), with errors that name the type concerned.
 
+use std::cell::Cell;
+
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -21,10 +23,28 @@ pub fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, RemoteError> 
     Ok(out)
 }
 
+/// The scratch space ciborium decodes short strings and byte strings
+/// through; the size `ciborium::from_reader` uses.
+const DECODE_SCRATCH_LEN: usize = 4096;
+
+std::thread_local! {
+    /// One decode's scratch space, kept per thread: `ciborium::from_reader`
+    /// zeroes a fresh 4 KiB array on every call, which costs more than
+    /// decoding a small message. Taken while in use, so a decode nested in
+    /// another gets its own.
+    static DECODE_SCRATCH: Cell<Option<Box<[u8; DECODE_SCRATCH_LEN]>>> = const { Cell::new(None) };
+}
+
 /// Decodes CBOR bytes as a `T`. Hostile input gives an error, never a
-/// panic; nesting is bounded by ciborium's recursion limit.
+/// panic; nesting is bounded by ciborium's recursion limit (256, as in
+/// `ciborium::from_reader`).
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, RemoteError> {
-    ciborium::from_reader(bytes).map_err(|e| RemoteError::Codec {
+    let mut scratch = DECODE_SCRATCH
+        .take()
+        .unwrap_or_else(|| Box::new([0; DECODE_SCRATCH_LEN]));
+    let result = ciborium::de::from_reader_with_buffer(bytes, &mut scratch[..]);
+    DECODE_SCRATCH.set(Some(scratch));
+    result.map_err(|e| RemoteError::Codec {
         op: "decode",
         type_name: std::any::type_name::<T>().to_owned(),
         reason: e.to_string(),

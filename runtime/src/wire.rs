@@ -744,6 +744,20 @@ pub fn encode_call(
     payload: &[u8],
 ) {
     out.reserve(CALL_HEADER_LEN + type_name.len() + refs.len() * 48 + payload.len());
+    encode_call_head(out, header, type_name, refs);
+    out.put_slice(payload);
+}
+
+/// Writes everything of a call or cast envelope but its payload, which
+/// follows at once: [`encode_call`] without the payload, for a caller that
+/// has the payload in place already. Without references the head is
+/// `CALL_HEADER_LEN + type_name.len()` bytes.
+pub fn encode_call_head(
+    out: &mut BytesMut,
+    header: &CallHeader,
+    type_name: &str,
+    refs: &[WireRef],
+) {
     out.put_u8(if header.request == 0 {
         kind::CAST
     } else {
@@ -761,7 +775,6 @@ pub fn encode_call(
     for r in refs {
         r.encode(out);
     }
-    out.put_slice(payload);
 }
 
 /// Writes a reply envelope.
@@ -774,6 +787,20 @@ pub fn encode_reply(
     payload: &[u8],
 ) {
     out.reserve(REPLY_HEADER_LEN + refs.len() * 48 + payload.len());
+    encode_reply_head(out, request, status, fds, refs);
+    out.put_slice(payload);
+}
+
+/// Writes everything of a reply envelope but its payload: see
+/// [`encode_call_head`]. Without references the head is
+/// `REPLY_HEADER_LEN` bytes.
+pub fn encode_reply_head(
+    out: &mut BytesMut,
+    request: u64,
+    status: ReplyStatus,
+    fds: u8,
+    refs: &[WireRef],
+) {
     out.put_u8(kind::REPLY);
     out.put_u8(0);
     out.put_u8(status as u8);
@@ -784,7 +811,6 @@ pub fn encode_reply(
     for r in refs {
         r.encode(out);
     }
-    out.put_slice(payload);
 }
 
 /// Writes a release envelope.

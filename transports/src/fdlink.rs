@@ -168,6 +168,24 @@ impl RawStream for FdStream {
         }
     }
 
+    fn poll_read_body(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut BytesMut,
+        want: usize,
+    ) -> Poll<Result<usize, TransportError>> {
+        // Plain `read` into uninitialised spare room, no bigger than the
+        // rest of the frame: the kernel cannot hand over bytes (or the
+        // descriptors of) the next frame. A peer that attached descriptors
+        // mid-frame broke the protocol; the kernel closes those.
+        if buf.capacity() - buf.len() < want {
+            buf.reserve(want);
+        }
+        let mut limited = bytes::BufMut::limit(&mut *buf, want);
+        tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut limited)
+            .map_err(|e| TransportError::io(format!("receive on {}", self.scheme), e))
+    }
+
     fn poll_write_some(
         &mut self,
         cx: &mut Context<'_>,

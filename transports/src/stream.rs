@@ -113,6 +113,20 @@ pub(crate) trait RawStream: Send + Unpin + fmt::Debug + 'static {
         fds: &mut Vec<OwnedFd>,
     ) -> Poll<Result<usize, TransportError>>;
 
+    /// Reads at most `want` bytes known to carry no descriptors: the rest
+    /// of a frame whose first byte (which brings the frame's descriptors)
+    /// has arrived. A descriptor-carrying stream reads these straight into
+    /// `buf`'s spare room, without ancillary data.
+    fn poll_read_body(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut BytesMut,
+        want: usize,
+    ) -> Poll<Result<usize, TransportError>> {
+        let mut none = Vec::new();
+        self.poll_read_some(cx, buf, want, &mut none)
+    }
+
     /// Writes some of `bufs`, sending `fds` with the first byte.
     fn poll_write_some(
         &mut self,
@@ -306,11 +320,10 @@ impl<S: RawStream> StreamLink<S> {
         Poll::Ready(Ok(()))
     }
 
-    /// Takes the next frame out of the read buffer, if a whole one is there.
     /// How much to ask the next read for. Enough for the rest of a frame
     /// already begun (so large frames take few reads), else a small chunk:
-    /// descriptor-carrying links zero the space they read into, and small
-    /// messages should not pay for zeroing a large buffer each time.
+    /// descriptor-carrying links read small chunks through a scratch
+    /// buffer, and a large read buffer per connection would cost memory.
     fn read_want(&self) -> usize {
         const SMALL: usize = 4096;
         let have = self.rbuf.len();
@@ -319,10 +332,29 @@ impl<S: RawStream> StreamLink<S> {
                 as usize;
             let total = PREFIX_LEN + len;
             if total > have {
-                return (total - have + SMALL).min(self.read_chunk.max(SMALL) * 8);
+                let rest = total - have;
+                // A small rest comes with the start of what follows; a
+                // large one is read on its own, so the buffer sized for
+                // this frame need not grow (and copy) at its very end.
+                if rest < SMALL {
+                    return rest + SMALL;
+                }
+                return rest.min(self.read_chunk.max(SMALL) * 8);
             }
         }
         SMALL.min(self.read_chunk.max(1024))
+    }
+
+    /// How many bytes of the frame being read are still to come, once its
+    /// length prefix is in.
+    fn frame_rest(&self) -> Option<usize> {
+        let have = self.rbuf.len();
+        if have < PREFIX_LEN {
+            return None;
+        }
+        let len =
+            u32::from_be_bytes([self.rbuf[0], self.rbuf[1], self.rbuf[2], self.rbuf[3]]) as usize;
+        (PREFIX_LEN + len).checked_sub(have).filter(|&n| n > 0)
     }
 
     /// Makes room for the rest of the frame being read in one allocation,
@@ -344,6 +376,7 @@ impl<S: RawStream> StreamLink<S> {
         }
     }
 
+    /// Takes the next frame out of the read buffer, if a whole one is there.
     fn try_decode(&mut self) -> Result<Option<Frame>, TransportError> {
         let before = self.rbuf.len();
         let start = self.consumed;
@@ -538,7 +571,13 @@ impl<S: RawStream> Link for StreamLink<S> {
             }
             let want = self.read_want();
             self.reserve_for_frame(want);
-            let res = ready!(self.io.poll_read_some(cx, &mut self.rbuf, want, &mut fds));
+            let res = match self.frame_rest() {
+                Some(rest) if self.io.carries_fds() => {
+                    let want = rest.min(self.read_chunk.max(4096) * 8);
+                    ready!(self.io.poll_read_body(cx, &mut self.rbuf, want))
+                }
+                _ => ready!(self.io.poll_read_some(cx, &mut self.rbuf, want, &mut fds)),
+            };
             match res {
                 Ok(0) => {
                     // Descriptors cannot arrive without bytes; drop any anyway.
