@@ -118,6 +118,10 @@ pub(crate) struct ConnShared {
     pub closed: AtomicBool,
     pub close_reason: Mutex<Option<String>>,
     pub inflight: AtomicUsize,
+    /// Room a frame needs after its envelope: the MAC tag, if frames carry
+    /// one. Frames are allocated to their exact size, so that freezing one
+    /// allocates nothing more.
+    pub tag_room: usize,
 }
 
 /// A cheap handle to an established connection.
@@ -541,6 +545,11 @@ impl Driver {
                     closed: AtomicBool::new(false),
                     close_reason: Mutex::new(None),
                     inflight: AtomicUsize::new(0),
+                    tag_room: if self.session.frame_mac() {
+                        courier_runtime::wire::TAG_LEN
+                    } else {
+                        0
+                    },
                 }));
                 self.span.record("peer", field::display(handle.0.peer.node));
                 info!(peer = %handle.0.peer.node, key = %handle.0.peer.key_id, remote = %self.remote,

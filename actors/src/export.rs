@@ -81,7 +81,7 @@ impl ReplySink {
     /// Encodes `value` (with any references or descriptors in it) as the
     /// reply command for the connection's driver.
     pub fn reply<T: Serialize>(mut self, value: &T) -> Command {
-        use courier_runtime::wire::{encode_reply_head, REPLY_HEADER_LEN, TAG_LEN};
+        use courier_runtime::wire::{encode_reply_head, REPLY_HEADER_LEN};
         self.done = true;
         let room = REPLY_HEADER_LEN;
         let built = refctx::encode_with(value, room, |buf, refs, fds| {
@@ -99,7 +99,7 @@ impl ReplySink {
                 Ok(wire) => {
                     let payload_len = buf.len() - room;
                     let mut head = bytes::BytesMut::with_capacity(
-                        room + wire.len() * 64 + payload_len + TAG_LEN,
+                        room + wire.len() * 64 + payload_len + self.conn.0.tag_room,
                     );
                     encode_reply_head(
                         &mut head,
@@ -223,12 +223,25 @@ impl<A: Actor> ExportEntry<A> {
     /// The actor's mailbox; a supervised actor that died is restarted first,
     /// keeping its id.
     pub fn current_addr(&self) -> Addr<A> {
-        let addr = self.addr.read().expect("not poisoned").clone();
-        if addr.connected() {
-            return addr;
+        self.with_addr(Addr::clone)
+    }
+
+    /// Runs `f` on the actor's mailbox without cloning it (a clone of an
+    /// actix `Addr` allocates twice); restarts a dead supervised actor
+    /// first, as [`Self::current_addr`] does.
+    pub fn with_addr<R>(&self, f: impl FnOnce(&Addr<A>) -> R) -> R {
+        let addr = self.addr.read().expect("not poisoned");
+        if addr.connected() || self.factory.is_none() {
+            return f(&addr);
         }
+        drop(addr);
+        self.restart_if_dead();
+        f(&self.addr.read().expect("not poisoned"))
+    }
+
+    fn restart_if_dead(&self) {
         let Some(factory) = &self.factory else {
-            return addr;
+            return;
         };
         let mut slot = self.addr.write().expect("not poisoned");
         if !slot.connected() {
@@ -237,7 +250,6 @@ impl<A: Actor> ExportEntry<A> {
             warn!(actor = std::any::type_name::<A>(), id = ?*self.id.lock().expect("not poisoned"),
                   restarts = n, "exported actor restarted");
         }
-        slot.clone()
     }
 
     /// The failure a panicked handler reports, and its backtrace (still to
@@ -338,13 +350,12 @@ where
                 }
             }
         };
-        let addr = entry.current_addr();
         let Some(reply) = reply else {
             // One-way: straight into the mailbox when it has room.
-            return match addr.try_send(msg) {
+            return match entry.with_addr(|addr| addr.try_send(msg)) {
                 Ok(()) => Dispatch::Done,
                 Err(SendError::Full(msg)) => {
-                    let req = addr.send(msg);
+                    let req = entry.with_addr(|addr| addr.send(msg));
                     Dispatch::Blocking(Box::pin(async move {
                         let _guard = guard;
                         let _ = req.await;
@@ -359,7 +370,7 @@ where
                 }
             };
         };
-        let request = addr.send(msg);
+        let request = entry.with_addr(|addr| addr.send(msg));
         Dispatch::Pending(Box::pin(
             async move {
                 let _guard = guard;

@@ -366,7 +366,7 @@ fn build_frame<T: serde::Serialize>(
     request: u64,
     msg: &T,
 ) -> Result<Built, RemoteError> {
-    use courier_runtime::wire::{encode_call_head, CallHeader, CALL_HEADER_LEN, TAG_LEN};
+    use courier_runtime::wire::{encode_call_head, CallHeader, CALL_HEADER_LEN};
     let room = CALL_HEADER_LEN + type_name.len();
     refctx::encode_with(msg, room, |buf, refs, fds| {
         if let Err(e) = check_fds(conn, fds.len()) {
@@ -386,8 +386,9 @@ fn build_frame<T: serde::Serialize>(
             encode_call_head(&mut head, &header, type_name, &wire);
             refctx::hand_over(buf, &head)
         } else {
-            let mut frame =
-                bytes::BytesMut::with_capacity(room + wire.len() * 64 + payload_len + TAG_LEN);
+            let mut frame = bytes::BytesMut::with_capacity(
+                room + wire.len() * 64 + payload_len + conn.0.tag_room,
+            );
             encode_call_head(&mut frame, &header, type_name, &wire);
             frame.extend_from_slice(&buf[room..]);
             frame

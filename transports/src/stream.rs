@@ -203,6 +203,9 @@ where
     }
 }
 
+/// The smallest read between frames (see `StreamLink::read_size`).
+const READ_SMALL: usize = 4096;
+
 /// A link carrying frames over a byte stream.
 pub(crate) struct StreamLink<S> {
     io: S,
@@ -212,6 +215,10 @@ pub(crate) struct StreamLink<S> {
     max_now: usize,
     send_budget: usize,
     read_chunk: usize,
+    /// What the next read between frames asks for: starts small, doubles
+    /// (up to `read_chunk`) while reads come back full, and falls back
+    /// once one comes back short.
+    read_size: usize,
     decoder: FrameDecoder,
     rbuf: BytesMut,
     /// Stream offset of `rbuf[0]`.
@@ -252,6 +259,7 @@ impl<S: RawStream> StreamLink<S> {
             max_now: max,
             send_budget: cfg.send_budget.max(1),
             read_chunk: cfg.read_chunk.max(1024),
+            read_size: READ_SMALL.min(cfg.read_chunk.max(1024)),
             decoder: FrameDecoder::new(max + header),
             rbuf: BytesMut::new(),
             consumed: 0,
@@ -321,28 +329,18 @@ impl<S: RawStream> StreamLink<S> {
     }
 
     /// How much to ask the next read for. Enough for the rest of a frame
-    /// already begun (so large frames take few reads), else a small chunk:
-    /// descriptor-carrying links read small chunks through a scratch
-    /// buffer, and a large read buffer per connection would cost memory.
+    /// already begun (so large frames take few reads), else `read_size`:
+    /// small while traffic is light, so an idle connection's buffer stays
+    /// small, and growing while messages stream in.
     fn read_want(&self) -> usize {
-        const SMALL: usize = 4096;
-        let have = self.rbuf.len();
-        if have >= PREFIX_LEN {
-            let len = u32::from_be_bytes([self.rbuf[0], self.rbuf[1], self.rbuf[2], self.rbuf[3]])
-                as usize;
-            let total = PREFIX_LEN + len;
-            if total > have {
-                let rest = total - have;
-                // A small rest comes with the start of what follows; a
-                // large one is read on its own, so the buffer sized for
-                // this frame need not grow (and copy) at its very end.
-                if rest < SMALL {
-                    return rest + SMALL;
-                }
-                return rest.min(self.read_chunk.max(SMALL) * 8);
-            }
+        match self.frame_rest() {
+            // A small rest comes with the start of what follows; a large
+            // one is read on its own, so the buffer sized for this frame
+            // need not grow (and copy) at its very end.
+            Some(rest) if rest < READ_SMALL => rest + self.read_size,
+            Some(rest) => rest.min(self.read_chunk.max(READ_SMALL) * 8),
+            None => self.read_size,
         }
-        SMALL.min(self.read_chunk.max(1024))
     }
 
     /// How many bytes of the frame being read are still to come, once its
@@ -357,21 +355,15 @@ impl<S: RawStream> StreamLink<S> {
         (PREFIX_LEN + len).checked_sub(have).filter(|&n| n > 0)
     }
 
-    /// Makes room for the rest of the frame being read in one allocation,
-    /// rather than growing (and copying) the buffer read by read. The
-    /// length was checked against the maximum when its prefix arrived; the
-    /// room taken ahead of the data is capped so an announced frame that
-    /// never comes cannot pin much memory.
-    fn reserve_for_frame(&mut self, want: usize) {
+    /// Makes room for the rest of the frame being read (`rest` bytes) in
+    /// one allocation, rather than growing (and copying) the buffer read by
+    /// read. The length was checked against the maximum when its prefix
+    /// arrived; the room taken ahead of the data is capped so an announced
+    /// frame that never comes cannot pin much memory.
+    fn reserve_for_frame(&mut self, rest: usize) {
         const AHEAD_MAX: usize = 8 << 20;
-        let have = self.rbuf.len();
-        let mut need = want;
-        if have >= PREFIX_LEN {
-            let len = u32::from_be_bytes([self.rbuf[0], self.rbuf[1], self.rbuf[2], self.rbuf[3]])
-                as usize;
-            need = need.max((PREFIX_LEN + len).saturating_sub(have).min(AHEAD_MAX));
-        }
-        if self.rbuf.capacity() - have < need {
+        let need = rest.min(AHEAD_MAX);
+        if self.rbuf.capacity() - self.rbuf.len() < need {
             self.rbuf.reserve(need);
         }
     }
@@ -570,13 +562,33 @@ impl<S: RawStream> Link for StreamLink<S> {
                 };
             }
             let want = self.read_want();
-            self.reserve_for_frame(want);
-            let res = match self.frame_rest() {
-                Some(rest) if self.io.carries_fds() => {
-                    let want = rest.min(self.read_chunk.max(4096) * 8);
+            let rest = self.frame_rest();
+            if let Some(rest) = rest {
+                self.reserve_for_frame(rest);
+            }
+            let res = match rest {
+                Some(rest) if rest >= READ_SMALL && self.io.carries_fds() => {
                     ready!(self.io.poll_read_body(cx, &mut self.rbuf, want))
                 }
-                _ => ready!(self.io.poll_read_some(cx, &mut self.rbuf, want, &mut fds)),
+                _ => {
+                    // Read into the room the buffer has when that is not
+                    // tiny: after a frame is split off, what is left of the
+                    // buffer serves the next reads without a new allocation.
+                    let spare = self.rbuf.capacity() - self.rbuf.len();
+                    if spare < want.min(1024) {
+                        self.rbuf.reserve(want);
+                    }
+                    let want = want.min(self.rbuf.capacity() - self.rbuf.len());
+                    let res = ready!(self.io.poll_read_some(cx, &mut self.rbuf, want, &mut fds));
+                    if let Ok(n) = res {
+                        self.read_size = if n == want {
+                            (self.read_size * 2).min(self.read_chunk)
+                        } else {
+                            READ_SMALL.min(self.read_chunk)
+                        };
+                    }
+                    res
+                }
             };
             match res {
                 Ok(0) => {

@@ -238,7 +238,14 @@ fn progress(what: &str) {
 async fn run(args: &Args) -> Vec<Sample> {
     let dir = std::env::temp_dir().join(format!("courier-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
-    let b = args.budget;
+    let mut b = args.budget;
+    // For profiling: BENCH_RTT_ITERS overrides the round-trip count.
+    if let Some(n) = std::env::var("BENCH_RTT_ITERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        b.rtt_iters = n;
+    }
     let want = |m: &str| args.only.is_empty() || args.only.iter().any(|o| o == m);
     // For profiling one implementation alone: BENCH_IMPL=raw|raw+cbor|courier.
     let imp = std::env::var("BENCH_IMPL").ok();
