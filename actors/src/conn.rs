@@ -122,6 +122,8 @@ pub(crate) struct ConnShared {
     /// one. Frames are allocated to their exact size, so that freezing one
     /// allocates nothing more.
     pub tag_room: usize,
+    /// The peer's key id, shared by every [`crate::Caller`] made for it.
+    pub key_id: Arc<str>,
 }
 
 /// A cheap handle to an established connection.
@@ -532,7 +534,9 @@ impl Driver {
                     .clone()
                     .or_else(|| peer.listen.first().cloned())
                     .unwrap_or_default();
+                let key_id: Arc<str> = Arc::from(peer.key_id.as_str());
                 let handle = ConnHandle(Arc::new(ConnShared {
+                    key_id,
                     id: self.conn_id,
                     reach,
                     peer,

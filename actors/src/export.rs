@@ -6,6 +6,7 @@ use std::backtrace::Backtrace;
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::future::Future;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::os::fd::OwnedFd;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -32,8 +33,9 @@ use crate::remote::RemoteAddr;
 pub struct Caller {
     /// The peer's node id.
     pub node: courier_runtime::id::NodeId,
-    /// The key it proved with: its identity in the keyring.
-    pub key_id: String,
+    /// The key it proved with: its identity in the keyring. Shared, so
+    /// handing it to each message costs no allocation.
+    pub key_id: std::sync::Arc<str>,
 }
 
 /// An inbound call or cast, headed for one exported actor.
@@ -204,7 +206,35 @@ pub(crate) trait ExportedAny: Send + Sync + 'static {
     fn restarts(&self) -> u64;
 }
 
-type HandlerFn<A> = Arc<dyn Fn(Arc<ExportEntry<A>>, Inbound) -> Dispatch + Send + Sync>;
+type HandlerFn<A> = Box<dyn Fn(&Arc<ExportEntry<A>>, Inbound) -> Dispatch + Send + Sync>;
+
+/// Handlers by message type name (its bytes, as they arrive).
+type Handlers<A> = HashMap<&'static [u8], HandlerFn<A>, BuildHasherDefault<NameHasher>>;
+
+/// FNV-1a over a message type name: a few instructions for a short name,
+/// where SipHash costs a hundred. Only our own names are ever inserted, so
+/// a peer choosing names cannot degrade the table.
+#[derive(Default)]
+struct NameHasher(u64);
+
+impl Hasher for NameHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        let mut h = if self.0 == 0 {
+            0xcbf2_9ce4_8422_2325
+        } else {
+            self.0
+        };
+        for &b in bytes {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        self.0 = h;
+    }
+}
 type Factory<A> = Box<dyn Fn() -> Addr<A> + Send + Sync>;
 
 /// One exported actor of type `A`.
@@ -213,7 +243,7 @@ pub(crate) struct ExportEntry<A: Actor> {
     pub pinned: bool,
     addr: RwLock<Addr<A>>,
     factory: Option<Factory<A>>,
-    handlers: HashMap<&'static str, HandlerFn<A>>,
+    handlers: Handlers<A>,
     failure_details: bool,
     backtraces: bool,
     restarts: AtomicU64,
@@ -284,11 +314,10 @@ impl<A: Actor> ExportEntry<A> {
 
 impl<A: Actor> ExportedAny for ExportEntry<A> {
     fn dispatch(self: Arc<Self>, inbound: Inbound) -> Dispatch {
-        let name = std::str::from_utf8(&inbound.type_name).unwrap_or("");
-        match self.handlers.get(name).cloned() {
-            Some(h) => h(self, inbound),
+        match self.handlers.get(&inbound.type_name[..]) {
+            Some(h) => h(&self, inbound),
             None => {
-                let name = name.to_owned();
+                let name = String::from_utf8_lossy(&inbound.type_name).into_owned();
                 match inbound.reply {
                     Some(r) => Dispatch::Reply(r.fail(ReplyStatus::UnknownMessage, &name)),
                     None => Dispatch::Done,
@@ -302,7 +331,11 @@ impl<A: Actor> ExportedAny for ExportEntry<A> {
     }
 
     fn message_types(&self) -> Vec<&'static str> {
-        let mut v: Vec<_> = self.handlers.keys().copied().collect();
+        let mut v: Vec<_> = self
+            .handlers
+            .keys()
+            .filter_map(|k| std::str::from_utf8(k).ok())
+            .collect();
         v.sort_unstable();
         v
     }
@@ -327,7 +360,7 @@ where
     M: RemoteMessage,
     M::Result: RemoteReply,
 {
-    Arc::new(|entry: Arc<ExportEntry<A>>, inbound: Inbound| {
+    Box::new(|entry: &Arc<ExportEntry<A>>, inbound: Inbound| {
         let Inbound {
             payload,
             refs,
@@ -371,6 +404,7 @@ where
             };
         };
         let request = entry.with_addr(|addr| addr.send(msg));
+        let entry = entry.clone();
         Dispatch::Pending(Box::pin(
             async move {
                 let _guard = guard;
@@ -405,7 +439,7 @@ pub struct Export<A: Actor> {
     node: Node,
     addr: Addr<A>,
     factory: Option<Factory<A>>,
-    handlers: HashMap<&'static str, HandlerFn<A>>,
+    handlers: Handlers<A>,
     failure_details: bool,
     backtraces: bool,
 }
@@ -416,7 +450,7 @@ impl<A: Actor> Export<A> {
             node,
             addr,
             factory,
-            handlers: HashMap::new(),
+            handlers: Handlers::default(),
             failure_details: false,
             backtraces: false,
         }
@@ -430,7 +464,8 @@ impl<A: Actor> Export<A> {
         M: RemoteMessage,
         M::Result: RemoteReply,
     {
-        self.handlers.insert(M::TYPE.as_str(), handler::<A, M>());
+        self.handlers
+            .insert(M::TYPE.as_str().as_bytes(), handler::<A, M>());
         self
     }
 

@@ -833,7 +833,7 @@ impl NodeShared {
                 guard: InflightGuard::new(h),
                 caller: Caller {
                     node: h.peer_node(),
-                    key_id: h.0.peer.key_id.clone(),
+                    key_id: h.0.key_id.clone(),
                 },
                 span: span.clone(),
             }),

@@ -758,20 +758,24 @@ pub fn encode_call_head(
     type_name: &str,
     refs: &[WireRef],
 ) {
-    out.put_u8(if header.request == 0 {
+    // Built on the stack and appended once: `BytesMut`'s `put_u8` and
+    // friends each call `memcpy`, which costs more than the whole header.
+    let mut h = [0u8; CALL_HEADER_LEN];
+    h[0] = if header.request == 0 {
         kind::CAST
     } else {
         kind::CALL
-    });
-    out.put_u8(0);
-    out.put_u8(type_name.len() as u8);
-    out.put_u8(header.fds);
-    out.put_u16(refs.len() as u16);
-    out.put_u16(0);
-    out.put_u64(header.request);
-    out.put_u64(header.incarnation.0);
-    put_local(out, header.target);
-    out.put_slice(type_name.as_bytes());
+    };
+    h[2] = type_name.len() as u8;
+    h[3] = header.fds;
+    h[4..6].copy_from_slice(&(refs.len() as u16).to_be_bytes());
+    h[8..16].copy_from_slice(&header.request.to_be_bytes());
+    h[16..24].copy_from_slice(&header.incarnation.0.to_be_bytes());
+    h[24..28].copy_from_slice(&header.target.index.to_be_bytes());
+    h[28..32].copy_from_slice(&header.target.generation.to_be_bytes());
+    out.reserve(CALL_HEADER_LEN + type_name.len());
+    out.extend_from_slice(&h);
+    out.extend_from_slice(type_name.as_bytes());
     for r in refs {
         r.encode(out);
     }
@@ -801,13 +805,13 @@ pub fn encode_reply_head(
     fds: u8,
     refs: &[WireRef],
 ) {
-    out.put_u8(kind::REPLY);
-    out.put_u8(0);
-    out.put_u8(status as u8);
-    out.put_u8(fds);
-    out.put_u16(refs.len() as u16);
-    out.put_u16(0);
-    out.put_u64(request);
+    let mut h = [0u8; REPLY_HEADER_LEN];
+    h[0] = kind::REPLY;
+    h[2] = status as u8;
+    h[3] = fds;
+    h[4..6].copy_from_slice(&(refs.len() as u16).to_be_bytes());
+    h[8..16].copy_from_slice(&request.to_be_bytes());
+    out.extend_from_slice(&h);
     for r in refs {
         r.encode(out);
     }

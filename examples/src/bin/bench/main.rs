@@ -239,12 +239,18 @@ async fn run(args: &Args) -> Vec<Sample> {
     let dir = std::env::temp_dir().join(format!("courier-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let mut b = args.budget;
-    // For profiling: BENCH_RTT_ITERS overrides the round-trip count.
+    // For profiling: BENCH_RTT_ITERS and BENCH_ONEWAY_MSGS override counts.
     if let Some(n) = std::env::var("BENCH_RTT_ITERS")
         .ok()
         .and_then(|v| v.parse().ok())
     {
         b.rtt_iters = n;
+    }
+    if let Some(n) = std::env::var("BENCH_ONEWAY_MSGS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        b.oneway_msgs = n;
     }
     let want = |m: &str| args.only.is_empty() || args.only.iter().any(|o| o == m);
     // For profiling one implementation alone: BENCH_IMPL=raw|raw+cbor|courier.
