@@ -12,9 +12,9 @@ use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::os::fd::OwnedFd;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -124,6 +124,8 @@ pub(crate) struct ConnShared {
     pub tag_room: usize,
     /// The peer's key id, shared by every [`crate::Caller`] made for it.
     pub key_id: Arc<str>,
+    /// The driver, for sending without a queue (see [`ConnHandle::send_inline`]).
+    pub driver: Weak<DriverCell>,
 }
 
 /// A cheap handle to an established connection.
@@ -158,6 +160,28 @@ impl ConnHandle {
             return Err(self.lost());
         }
         self.0.tx.send(cmd).await.map_err(|_| self.lost())
+    }
+
+    /// Hands `cmd` to the driver and writes its frame at once, when the
+    /// caller runs on the driver's own thread and the driver is idle: no
+    /// queue, no wake-up of the driver's task. Otherwise gives `cmd` back,
+    /// to be queued with [`Self::send`] or [`Self::try_send`].
+    ///
+    /// With `flush`, the frame is written before this returns (a call: its
+    /// latency counts); without, it waits in the driver's queue and the
+    /// driver's task is woken once to write everything that gathered (a
+    /// one-way message: many share one write).
+    // The command comes back as it went in, to be queued; boxing it would
+    // cost an allocation on exactly the path this exists to make cheap.
+    #[allow(clippy::result_large_err)]
+    pub fn send_inline(&self, cmd: Command, flush: bool) -> Result<(), Command> {
+        let Some(cell) = self.0.driver.upgrade() else {
+            return Err(cmd);
+        };
+        let Ok(mut d) = cell.driver.try_lock() else {
+            return Err(cmd);
+        };
+        d.send_inline(cmd, flush)
     }
 
     /// Queues a command without waiting; a full queue is `MailboxFull`.
@@ -253,13 +277,145 @@ pub(crate) struct Driver {
     /// Why the link failed, kept for the error when it fails mid-handshake
     /// (a QUIC peer refusing our certificate, say).
     link_error: Option<String>,
+    /// The cell this driver lives in (for the connection handle) and the
+    /// waker and thread of the task polling it: see [`DriverCell`].
+    cell: Weak<DriverCell>,
+    task_waker: Option<Waker>,
+    task_thread: u64,
+    finished: bool,
+    /// The task was woken to write what inline sends queued.
+    flush_scheduled: bool,
 }
 
 fn now() -> Instant {
     tokio::time::Instant::now().into_std()
 }
 
+/// A connection's driver, shared by the task that polls it and by callers
+/// on the same thread that send through it directly
+/// ([`ConnHandle::send_inline`]). The lock is only ever tried by callers,
+/// so a busy driver (or one on another thread) means the queue, never a
+/// wait.
+pub(crate) struct DriverCell {
+    driver: Mutex<Driver>,
+}
+
+/// The task polling a connection's driver.
+pub(crate) struct DriverTask(Arc<DriverCell>);
+
+impl DriverTask {
+    pub fn new(driver: Driver) -> Self {
+        let cell = Arc::new(DriverCell {
+            driver: Mutex::new(driver),
+        });
+        cell.driver.lock().expect("not poisoned").cell = Arc::downgrade(&cell);
+        Self(cell)
+    }
+}
+
+impl Future for DriverTask {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let mut d = self.0.driver.lock().expect("not poisoned");
+        match &d.task_waker {
+            Some(w) if w.will_wake(cx.waker()) => {}
+            _ => d.task_waker = Some(cx.waker().clone()),
+        }
+        d.task_thread = thread_token();
+        d.flush_scheduled = false;
+        let done = Pin::new(&mut *d).poll(cx);
+        if done.is_ready() {
+            d.finished = true;
+            d.task_waker = None;
+        }
+        done
+    }
+}
+
+/// A number for the calling thread, unique among the process's threads.
+fn thread_token() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    thread_local! {
+        static TOKEN: u64 = NEXT.fetch_add(1, Ordering::Relaxed);
+    }
+    TOKEN.with(|t| *t)
+}
+
 impl Driver {
+    /// Sends `cmd` now, from a caller on the driver's thread while its task
+    /// is not running (see [`ConnHandle::send_inline`]). Commands already
+    /// queued go first, so one sender's messages keep their order; any
+    /// I/O readiness is registered for the task, as its own polls do.
+    #[allow(clippy::result_large_err)]
+    fn send_inline(&mut self, cmd: Command, flush: bool) -> Result<(), Command> {
+        if self.finished
+            || self.link_done
+            || self.task_thread != thread_token()
+            || !self.accepting_commands()
+        {
+            return Err(cmd);
+        }
+        let Some(waker) = self.task_waker.take() else {
+            return Err(cmd);
+        };
+        let span = self.span.clone();
+        let _entered = span.enter();
+        let mut cx = Context::from_waker(&waker);
+        self.clock = None;
+        let drained = self.drain_queued();
+        let result = if drained {
+            self.on_command(cmd);
+            Ok(())
+        } else {
+            // More queued than one batch: join the queue behind it.
+            Err(cmd)
+        };
+        while let Some(ev) = self.session.poll_event() {
+            self.on_event(ev, &mut None);
+        }
+        let mut wake = !drained;
+        if flush {
+            if let Err(e) = self.poll_write(&mut cx) {
+                self.link_done = true;
+                self.link_error = Some(e.to_string());
+                self.session.handle_link_lost(e.to_string());
+                while let Some(ev) = self.session.poll_event() {
+                    self.on_event(ev, &mut None);
+                }
+            }
+        } else if !self.flush_scheduled {
+            self.flush_scheduled = true;
+            wake = true;
+        }
+        if wake || self.link_done || self.session.is_closed() {
+            waker.wake_by_ref();
+        }
+        self.task_waker = Some(waker);
+        result
+    }
+
+    /// Takes the commands already queued, control ones first as in `poll`.
+    /// False when a batch's worth was taken and more may be waiting.
+    fn drain_queued(&mut self) -> bool {
+        let mut n = 0;
+        while let Ok(c) = self.ctl_rx.try_recv() {
+            self.on_command(c);
+            n += 1;
+            if n == BATCH {
+                return false;
+            }
+        }
+        while let Ok(c) = self.rx.try_recv() {
+            self.on_command(c);
+            n += 1;
+            if n == BATCH {
+                return false;
+            }
+        }
+        true
+    }
+
     /// Wraps a fresh link. `established` hears the handshake's outcome.
     pub fn new(
         node: Arc<NodeShared>,
@@ -322,6 +478,11 @@ impl Driver {
             span,
             paused: false,
             link_error: None,
+            cell: Weak::new(),
+            task_waker: None,
+            task_thread: 0,
+            finished: false,
+            flush_scheduled: false,
         })
     }
 
@@ -537,6 +698,7 @@ impl Driver {
                 let key_id: Arc<str> = Arc::from(peer.key_id.as_str());
                 let handle = ConnHandle(Arc::new(ConnShared {
                     key_id,
+                    driver: self.cell.clone(),
                     id: self.conn_id,
                     reach,
                     peer,

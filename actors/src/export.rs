@@ -172,7 +172,7 @@ pub(crate) enum Dispatch {
 }
 
 /// A delivery in progress, polled by the connection's driver.
-pub(crate) type InboundFut = Pin<Box<dyn Future<Output = Option<Command>>>>;
+pub(crate) type InboundFut = Pin<Box<dyn Future<Output = Option<Command>> + Send>>;
 
 impl Drop for ReplySink {
     fn drop(&mut self) {

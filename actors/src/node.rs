@@ -274,7 +274,7 @@ impl NodeShared {
         match Driver::new(self.clone(), link, role, scheme, dial, Some(tx)) {
             Ok(mut d) => {
                 d.eviction = eviction;
-                actix::spawn(d);
+                actix::spawn(crate::conn::DriverTask::new(d));
             }
             Err(_) => {
                 self.handshake_ended();

@@ -259,15 +259,17 @@ impl<A: Actor> RemoteAddr<A> {
                     )?;
                     drop(msg);
                     let (tx, rx) = oneshot::channel();
-                    conn.send(Command::CallFrame {
+                    let cmd = Command::CallFrame {
                         target: imp.id,
                         type_name: M::TYPE.as_str(),
                         frame,
                         fds,
                         hold,
                         reply: tx,
-                    })
-                    .await?;
+                    };
+                    if let Err(cmd) = conn.send_inline(cmd, true) {
+                        conn.send(cmd).await?;
+                    }
                     let reply = rx.await.map_err(|_| conn.lost())??;
                     decode_reply::<M::Result>(reply, &imp, M::TYPE.as_str())
                 })
@@ -334,15 +336,16 @@ impl<A: Actor> RemoteAddr<A> {
                     .ok_or(imp.dead_error(DeadReason::NodeUnreachable))?;
                 let (frame, fds, hold) =
                     build_frame(&node, &conn, imp.id, M::TYPE.as_str(), 0, &msg)?;
-                conn.try_send(
-                    Command::CastFrame {
-                        target: imp.id,
-                        frame,
-                        fds,
-                        hold,
-                    },
-                    imp.id,
-                )
+                let cmd = Command::CastFrame {
+                    target: imp.id,
+                    frame,
+                    fds,
+                    hold,
+                };
+                match conn.send_inline(cmd, false) {
+                    Ok(()) => Ok(()),
+                    Err(cmd) => conn.try_send(cmd, imp.id),
+                }
             }
         }
     }
