@@ -39,14 +39,15 @@ pub struct Caller {
 }
 
 /// An inbound call or cast, headed for one exported actor.
-pub(crate) struct Inbound {
+pub(crate) struct Inbound<'a> {
     pub type_name: bytes::Bytes,
     pub payload: Bytes,
     pub refs: Vec<Resolved>,
     pub fds: Vec<OwnedFd>,
     pub reply: Option<ReplySink>,
-    pub guard: InflightGuard,
-    pub caller: Caller,
+    /// The connection it came on: its peer is the caller, and a delivery
+    /// that waits counts as in flight on it (see [`InflightGuard`]).
+    pub conn: &'a ConnHandle,
     /// The `call` span (actor, message type, request id).
     pub span: Span,
 }
@@ -100,7 +101,7 @@ impl ReplySink {
             match self.node.account_out(&self.conn, &refs) {
                 Ok(wire) => {
                     let payload_len = buf.len() - room;
-                    let mut head = bytes::BytesMut::with_capacity(
+                    let mut head = refctx::frame_buf(
                         room + wire.len() * 64 + payload_len + self.conn.0.tag_room,
                     );
                     encode_reply_head(
@@ -366,14 +367,21 @@ where
             refs,
             fds,
             reply,
-            guard,
-            caller,
+            conn,
             span,
             ..
         } = inbound;
         let msg: M = match refctx::decode(&payload, refs, fds) {
             Ok(mut m) => {
-                M::set_caller(&mut m, caller);
+                if M::WANTS_CALLER {
+                    M::set_caller(
+                        &mut m,
+                        Caller {
+                            node: conn.peer_node(),
+                            key_id: conn.0.key_id.clone(),
+                        },
+                    );
+                }
                 m
             }
             Err(e) => {
@@ -389,6 +397,7 @@ where
                 Ok(()) => Dispatch::Done,
                 Err(SendError::Full(msg)) => {
                     let req = entry.with_addr(|addr| addr.send(msg));
+                    let guard = InflightGuard::new(conn);
                     Dispatch::Blocking(Box::pin(async move {
                         let _guard = guard;
                         let _ = req.await;
@@ -405,6 +414,7 @@ where
         };
         let request = entry.with_addr(|addr| addr.send(msg));
         let entry = entry.clone();
+        let guard = InflightGuard::new(conn);
         Dispatch::Pending(Box::pin(
             async move {
                 let _guard = guard;

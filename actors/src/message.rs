@@ -17,10 +17,15 @@ pub trait RemoteMessage: Message + Serialize + DeserializeOwned + Send + 'static
     /// The stable wire name, such as `"counter.add"`.
     const TYPE: MessageType;
 
+    /// Whether [`Self::set_caller`] wants to be called; `false` spares
+    /// every message of the type the work of making a [`Caller`].
+    /// `remote_message!(T = "name", caller = field)` sets it.
+    const WANTS_CALLER: bool = false;
+
     /// Called with the authenticated sender when the message arrived from a
-    /// peer, before the handler runs. The default ignores it; declare the
-    /// message with `remote_message!(T = "name", caller = field)` to store
-    /// it in a `#[serde(skip)] field: Option<Caller>`.
+    /// peer, before the handler runs, if [`Self::WANTS_CALLER`] is true.
+    /// Declare the message with `remote_message!(T = "name", caller =
+    /// field)` to store it in a `#[serde(skip)] field: Option<Caller>`.
     fn set_caller(&mut self, caller: Caller) {
         let _ = caller;
     }
@@ -71,6 +76,7 @@ macro_rules! remote_message {
                 Ok(t) => t,
                 Err(_) => panic!(concat!("invalid remote message type name: ", $name)),
             };
+            const WANTS_CALLER: bool = true;
             fn set_caller(&mut self, caller: $crate::Caller) {
                 self.$field = Some(caller);
             }

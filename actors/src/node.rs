@@ -25,8 +25,7 @@ use tracing::{debug, info, warn};
 
 use crate::conn::{Command, ConnHandle, Driver, Eviction, ReplyIn};
 use crate::export::{
-    install_panic_hook, Caller, Dispatch, Export, ExportEntry, ExportedAny, Inbound, InflightGuard,
-    ReplySink,
+    install_panic_hook, Dispatch, Export, ExportEntry, ExportedAny, Inbound, ReplySink,
 };
 use crate::info::NODE_INFO;
 use crate::metrics::{LatencySummary, Metrics};
@@ -830,11 +829,7 @@ impl NodeShared {
                 refs,
                 fds,
                 reply,
-                guard: InflightGuard::new(h),
-                caller: Caller {
-                    node: h.peer_node(),
-                    key_id: h.0.key_id.clone(),
-                },
+                conn: h,
                 span: span.clone(),
             }),
             Err(status) => match reply {

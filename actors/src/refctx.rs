@@ -105,6 +105,33 @@ pub(crate) fn encode_with<T: Serialize, R>(
     out
 }
 
+thread_local! {
+    /// Room that small frames are carved from (see [`frame_buf`]).
+    static FRAME_ARENA: RefCell<bytes::BytesMut> = RefCell::new(bytes::BytesMut::new());
+}
+
+/// Frames up to this size come from the per-thread arena.
+const ARENA_FRAME_MAX: usize = 4096;
+/// Size of one arena block.
+const ARENA_BLOCK: usize = 64 * 1024;
+
+/// An empty buffer with room for exactly `cap` bytes, for one frame. Small
+/// frames are carved from a per-thread 64 KiB block that they share (a
+/// reference count instead of a `malloc` and `free` per message); the block
+/// is freed when its last frame is.
+pub(crate) fn frame_buf(cap: usize) -> bytes::BytesMut {
+    if cap > ARENA_FRAME_MAX {
+        return bytes::BytesMut::with_capacity(cap);
+    }
+    FRAME_ARENA.with_borrow_mut(|arena| {
+        if arena.capacity() < cap {
+            *arena = bytes::BytesMut::with_capacity(ARENA_BLOCK);
+        }
+        let rest = arena.split_off(cap);
+        std::mem::replace(arena, rest)
+    })
+}
+
 /// Makes the scratch buffer `buf` (room for `head`, then a large payload)
 /// the frame itself: `head` is written into the room and the buffer is
 /// taken, with space for a MAC tag, leaving an empty one of the same

@@ -389,9 +389,8 @@ fn build_frame<T: serde::Serialize>(
             encode_call_head(&mut head, &header, type_name, &wire);
             refctx::hand_over(buf, &head)
         } else {
-            let mut frame = bytes::BytesMut::with_capacity(
-                room + wire.len() * 64 + payload_len + conn.0.tag_room,
-            );
+            let mut frame =
+                refctx::frame_buf(room + wire.len() * 64 + payload_len + conn.0.tag_room);
             encode_call_head(&mut frame, &header, type_name, &wire);
             frame.extend_from_slice(&buf[room..]);
             frame
