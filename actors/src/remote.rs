@@ -211,7 +211,7 @@ impl<A: Actor> RemoteAddr<A> {
     pub fn dead_reason(&self) -> Option<DeadReason> {
         match &self.target {
             Target::Local(e, _) => {
-                (!e.current_addr().connected()).then_some(DeadReason::ActorStopped)
+                (!e.with_addr(|a| a.connected())).then_some(DeadReason::ActorStopped)
             }
             Target::Remote(r) => r.dead_reason(),
         }
@@ -228,7 +228,7 @@ impl<A: Actor> RemoteAddr<A> {
     {
         let fut: BoxFuture<M::Result> = match &self.target {
             Target::Local(entry, _) => {
-                let req = entry.current_addr().send(msg);
+                let req = entry.with_addr(|a| a.send(msg));
                 Box::pin(async move {
                     req.await.map_err(|e| match e {
                         MailboxError::Closed => RemoteError::Remote(RemoteFailure {
@@ -293,7 +293,7 @@ impl<A: Actor> RemoteAddr<A> {
         M::Result: RemoteReply,
     {
         match &self.target {
-            Target::Local(entry, _) => entry.current_addr().try_send(msg).map_err(|e| match e {
+            Target::Local(entry, _) => entry.with_addr(|a| a.try_send(msg)).map_err(|e| match e {
                 actix::prelude::SendError::Full(_) => RemoteError::MailboxFull {
                     actor: entry.id.lock().expect("not poisoned").unwrap_or(ActorId {
                         node: courier_runtime::id::NodeId([0; 16]),

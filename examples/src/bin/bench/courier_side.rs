@@ -247,6 +247,29 @@ pub async fn actix_local(n: usize) -> Rate {
     Rate::new(n as f64, t.elapsed(), "calls/s")
 }
 
+/// The floor under any one-way rate through actix: `do_send` of the same
+/// message to a local actor, until all are handled.
+pub async fn actix_local_oneway(n: usize) -> Rate {
+    let a = Sink::default().start();
+    let t = Instant::now();
+    for i in 0..n {
+        let mut m = Cast(Msg::new(i as u64));
+        loop {
+            match a.try_send(m) {
+                Ok(()) => break,
+                Err(actix::prelude::SendError::Full(back)) => {
+                    m = back;
+                    tokio::task::yield_now().await;
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+    }
+    let c = a.send(Count).await.unwrap();
+    assert_eq!(c as usize, n, "one-way messages lost");
+    Rate::new(n as f64, t.elapsed(), "msg/s")
+}
+
 pub async fn courier_local(n: usize) -> Rate {
     let node = builder().start().await.unwrap();
     let s = export(&node, "local");

@@ -331,6 +331,8 @@ async fn run(args: &Args) -> Vec<Sample> {
             out.push(r.sample("local", "local", "actix"));
             let r = courier_side::courier_local(b.local_iters).await;
             out.push(r.sample("local", "local", "courier"));
+            let r = courier_side::actix_local_oneway(b.oneway_msgs).await;
+            out.push(r.sample("local", "oneway", "actix"));
         }
     }
     let _ = std::fs::remove_dir_all(&dir);
