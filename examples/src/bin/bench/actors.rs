@@ -49,7 +49,7 @@ pub struct Count;
 
 #[derive(Message, Serialize, Deserialize)]
 #[rtype(result = "u64")]
-pub struct Big(#[serde(with = "serde_bytes")] pub Vec<u8>);
+pub struct Big(pub bytes::Bytes);
 
 #[derive(Message, Serialize, Deserialize)]
 #[rtype(result = "()")]

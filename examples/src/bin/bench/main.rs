@@ -102,7 +102,8 @@ struct Args {
     only: Vec<String>,
 }
 
-fn parse_args() -> Result<Args, String> {
+/// Parses the arguments after the first `skip`.
+fn parse_args(skip: usize) -> Result<Args, String> {
     let mut a = Args {
         budget: Budget::full(),
         quick: false,
@@ -111,7 +112,7 @@ fn parse_args() -> Result<Args, String> {
         transports: vec![Kind::Tcp, Kind::Unix, Kind::Fd, Kind::Quic],
         only: Vec::new(),
     };
-    let mut it = std::env::args().skip(1);
+    let mut it = std::env::args().skip(skip);
     while let Some(arg) = it.next() {
         match arg.as_str() {
             "--quick" => {
@@ -164,6 +165,7 @@ fn main() {
         let n = |i: usize| argv.get(i).and_then(|v| v.parse().ok()).unwrap_or(100);
         let dir = std::env::temp_dir();
         let samples = actix::System::new().block_on(courier_side::memory(&dir, n(2), n(3)));
+        // (one process per round: see `rounds_in_children`)
         for s in samples {
             println!(
                 "{} {} {} {} {}",
@@ -172,20 +174,38 @@ fn main() {
         }
         return;
     }
-    let args = match parse_args() {
+    // `--round-child ARGS...`: one round of ARGS in this process, samples
+    // printed one per line for the parent (see `rounds_in_children`).
+    let child = argv.get(1).map(String::as_str) == Some("--round-child");
+    let args = match parse_args(if child { 2 } else { 1 }) {
         Ok(a) => a,
         Err(e) => {
             eprintln!("{e}");
             std::process::exit(2);
         }
     };
-    // The measurements run as a task on the arbiter, as actor code does,
-    // not as the future `block_on` drives: tokio polls its I/O driver once
-    // more (an extra `epoll_wait`) each time that future is woken.
-    let task_args = args.clone();
-    let mut samples = actix::System::new()
-        .block_on(async move { actix::spawn(async move { run(&task_args).await }).await })
-        .expect("benchmark task");
+    if child {
+        let mut one = args.clone();
+        one.budget.rounds = 1;
+        for s in run_in_process(one) {
+            println!(
+                "{} {} {} {} {} {}",
+                s.transport, s.metric, s.imp, s.stat, s.value, s.unit
+            );
+        }
+        return;
+    }
+    eprintln!(
+        "courier bench: {} round(s), transports {:?}{}",
+        args.budget.rounds,
+        args.transports.iter().map(|k| k.name()).collect::<Vec<_>>(),
+        if args.quick { " (quick)" } else { "" }
+    );
+    let mut samples = if args.budget.rounds > 1 {
+        rounds_in_children(&args)
+    } else {
+        run_in_process(args.clone())
+    };
     if args.only.is_empty() || args.only.iter().any(|o| o == "memory") {
         samples.extend(memory_in_child(args.budget.mem_conns, args.budget.mem_refs));
     }
@@ -203,6 +223,54 @@ fn main() {
             std::process::exit(1);
         }
     }
+}
+
+/// Runs the measurements as a task on the arbiter, as actor code does,
+/// not as the future `block_on` drives: tokio polls its I/O driver once
+/// more (an extra `epoll_wait`) each time that future is woken.
+fn run_in_process(args: Args) -> Vec<Sample> {
+    actix::System::new()
+        .block_on(async move { actix::spawn(async move { run(&args).await }).await })
+        .expect("benchmark task")
+}
+
+/// Runs each round in a fresh process. Where a process's memory lands
+/// (address-space randomisation) moves Courier's round trip by up to a
+/// third from one process to the next on this machine, while the raw
+/// baselines barely notice; one process per round makes the medians a
+/// sample of placements rather than one draw.
+fn rounds_in_children(args: &Args) -> Vec<Sample> {
+    let exe = std::env::current_exe().expect("the benchmark's own path");
+    let passed: Vec<String> = std::env::args().skip(1).collect();
+    let mut out = Vec::new();
+    for round in 0..args.budget.rounds {
+        eprintln!("round {}/{} (own process)", round + 1, args.budget.rounds);
+        let res = std::process::Command::new(&exe)
+            .arg("--round-child")
+            .args(&passed)
+            .stderr(std::process::Stdio::inherit())
+            .output();
+        let o = match res {
+            Ok(o) if o.status.success() => o,
+            Ok(o) => {
+                eprintln!("round {} failed: {}", round + 1, o.status);
+                std::process::exit(1);
+            }
+            Err(e) => {
+                eprintln!("cannot start a round: {e}");
+                std::process::exit(1);
+            }
+        };
+        for l in String::from_utf8_lossy(&o.stdout).lines() {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            if let [t, m, i, st, v, u] = f[..] {
+                if let Ok(v) = v.parse() {
+                    out.push(Sample::new(t, m, i, st, v, u));
+                }
+            }
+        }
+    }
+    out
 }
 
 fn memory_in_child(conns: usize, refs: usize) -> Vec<Sample> {
@@ -257,14 +325,10 @@ async fn run(args: &Args) -> Vec<Sample> {
     let imp = std::env::var("BENCH_IMPL").ok();
     let run_impl = |i: &str| imp.as_deref().is_none_or(|x| x == i);
     let mut out = Vec::new();
-    eprintln!(
-        "courier bench: {} round(s), transports {:?}{}",
-        b.rounds,
-        args.transports.iter().map(|k| k.name()).collect::<Vec<_>>(),
-        if args.quick { " (quick)" } else { "" }
-    );
     for round in 0..b.rounds {
-        eprintln!("round {}/{}", round + 1, b.rounds);
+        if b.rounds > 1 {
+            eprintln!("round {}/{}", round + 1, b.rounds);
+        }
         for &kind in &args.transports {
             let t = kind.name();
             if want("rtt") {
