@@ -267,7 +267,7 @@ impl<A: Actor> RemoteAddr<A> {
                         hold,
                         reply: tx,
                     };
-                    if let Err(cmd) = conn.send_inline(cmd, true) {
+                    if let Err(cmd) = conn.send_inline(cmd) {
                         conn.send(cmd).await?;
                     }
                     let reply = rx.await.map_err(|_| conn.lost())??;
@@ -342,7 +342,7 @@ impl<A: Actor> RemoteAddr<A> {
                     fds,
                     hold,
                 };
-                match conn.send_inline(cmd, false) {
+                match conn.send_inline(cmd) {
                     Ok(()) => Ok(()),
                     Err(cmd) => conn.try_send(cmd, imp.id),
                 }
