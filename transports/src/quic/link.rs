@@ -22,6 +22,15 @@ const KIND_END_ACK: u8 = 2;
 /// A small frame with its sequence number among small frames: delivered in
 /// that order.
 const KIND_SMALL: u8 = 3;
+/// Small frames sent together on one stream: the first one's sequence
+/// number, then each frame as a 4-byte length and its bytes. Frames handed
+/// over between two flushes share a stream, so a burst of small messages
+/// does not open a stream each.
+const KIND_BATCH: u8 = 4;
+/// A batch's frames and their length prefixes, at most.
+const BATCH_MAX_BYTES: usize = crate::stream::COALESCE_MAX;
+/// Frames in one batch, at most.
+const BATCH_MAX_FRAMES: usize = 64;
 /// Small frames held back while an earlier one is still arriving, at most.
 const MAX_HELD: usize = 1024;
 static FRAME_HEAD: [u8; 1] = [KIND_FRAME];
@@ -38,6 +47,7 @@ const STOP_TOO_LARGE: u32 = 1;
 enum Incoming {
     Frame(Bytes),
     Small(u64, Bytes),
+    Batch(u64, Vec<Bytes>),
     End(u64),
     EndAck,
     /// The connection ended cleanly before the stream was read.
@@ -77,6 +87,10 @@ pub(crate) struct QuicLink {
     in_flight: usize,
     frames_sent: u64,
     small_sent: u64,
+    /// Small frames not yet on a stream (see [`KIND_BATCH`]).
+    batch: BytesMut,
+    batch_first: u64,
+    batch_count: usize,
     send: SendState,
     accept: Option<BoxFut<'static, Result<RecvStream, ConnectionError>>>,
     reads: Vec<BoxFut<'static, Result<Incoming, TransportError>>>,
@@ -117,6 +131,9 @@ impl QuicLink {
             in_flight: 0,
             frames_sent: 0,
             small_sent: 0,
+            batch: BytesMut::new(),
+            batch_first: 0,
+            batch_count: 0,
             send: SendState::Open,
             accept: None,
             reads: Vec::new(),
@@ -155,6 +172,35 @@ impl QuicLink {
         } else {
             Poll::Pending
         }
+    }
+
+    /// Puts the small frames gathered so far on one stream: a lone frame
+    /// as [`KIND_SMALL`], several as [`KIND_BATCH`].
+    fn seal_batch(&mut self) {
+        if self.batch_count == 0 {
+            return;
+        }
+        let body = self.batch.split().freeze();
+        let mut head = BytesMut::with_capacity(9);
+        let payload = if self.batch_count == 1 {
+            head.extend_from_slice(&[KIND_SMALL]);
+            body.slice(4..)
+        } else {
+            head.extend_from_slice(&[KIND_BATCH]);
+            body
+        };
+        head.extend_from_slice(&self.batch_first.to_be_bytes());
+        let bytes = head.len() + payload.len();
+        let fut = send_stream(
+            self.conn.clone(),
+            head.freeze(),
+            payload,
+            1,
+            self.peer.clone(),
+        );
+        self.ops.push(SendOp { bytes, fut });
+        self.in_flight += bytes;
+        self.batch_count = 0;
     }
 
     fn over_budget(&self) -> bool {
@@ -223,20 +269,34 @@ impl Link for QuicLink {
             return Err(TransportError::TooLarge { len, max });
         }
         let small = len <= crate::stream::COALESCE_MAX;
-        let head = if small {
-            let mut h = BytesMut::with_capacity(9);
-            h.extend_from_slice(&[KIND_SMALL]);
-            h.extend_from_slice(&self.small_sent.to_be_bytes());
+        if small {
+            // A batch never holds more than one frame's limit, so the peer
+            // reads it whole under the limit it applies to a stream.
+            let need = 4 + len;
+            let room = BATCH_MAX_BYTES.min(max);
+            if self.batch_count > 0
+                && (self.batch.len() + need > room || self.batch_count >= BATCH_MAX_FRAMES)
+            {
+                self.seal_batch();
+            }
+            if self.batch_count == 0 {
+                self.batch_first = self.small_sent;
+            }
+            self.batch.reserve(need);
+            self.batch.extend_from_slice(&(len as u32).to_be_bytes());
+            self.batch.extend_from_slice(&frame.payload);
+            self.batch_count += 1;
             self.small_sent += 1;
-            h.freeze()
-        } else {
-            Bytes::from_static(&FRAME_HEAD)
-        };
+            self.frames_sent += 1;
+            return Ok(());
+        }
+        // Earlier small frames go out first.
+        self.seal_batch();
         let fut = send_stream(
             self.conn.clone(),
-            head,
+            Bytes::from_static(&FRAME_HEAD),
             frame.payload,
-            i32::from(small),
+            0,
             self.peer.clone(),
         );
         self.ops.push(SendOp {
@@ -252,6 +312,7 @@ impl Link for QuicLink {
         if self.send == SendState::Failed {
             return Poll::Ready(Err(TransportError::Closed));
         }
+        self.seal_batch();
         self.poll_ops(cx)
     }
 
@@ -260,6 +321,7 @@ impl Link for QuicLink {
             SendState::Closed => return Poll::Ready(Ok(())),
             SendState::Failed => return Poll::Ready(Err(TransportError::Closed)),
             SendState::Open => {
+                self.seal_batch();
                 let mut end = BytesMut::with_capacity(9);
                 end.extend_from_slice(&[KIND_END]);
                 end.extend_from_slice(&self.frames_sent.to_be_bytes());
@@ -355,6 +417,22 @@ impl Link for QuicLink {
                                 if let Err(e) = self.take_small(seq, b) {
                                     self.fail_recv();
                                     return Poll::Ready(Some(Err(e)));
+                                }
+                            }
+                            Ok(Incoming::Batch(first, frames)) => {
+                                for (i, b) in frames.into_iter().enumerate() {
+                                    let taken = first
+                                        .checked_add(i as u64)
+                                        .ok_or_else(|| {
+                                            TransportError::Framing(
+                                                "a batch's sequence numbers overflow".into(),
+                                            )
+                                        })
+                                        .and_then(|seq| self.take_small(seq, b));
+                                    if let Err(e) = taken {
+                                        self.fail_recv();
+                                        return Poll::Ready(Some(Err(e)));
+                                    }
                                 }
                             }
                             Ok(Incoming::End(n)) => {
@@ -517,7 +595,7 @@ impl Linger {
                     Some(i) = rx.recv() => match i {
                         Incoming::End(_) => ack(&conn),
                         Incoming::EndAck => return,
-                        Incoming::Frame(_) | Incoming::Small(..) | Incoming::Nothing => {}
+                        Incoming::Frame(_) | Incoming::Small(..) | Incoming::Batch(..) | Incoming::Nothing => {}
                     },
                 }
             }
@@ -660,6 +738,7 @@ async fn read_stream(
             n.copy_from_slice(&body[1..9]);
             Ok(Incoming::Small(u64::from_be_bytes(n), body.slice(9..)))
         }
+        Some(KIND_BATCH) if body.len() >= 9 => parse_batch(&body),
         Some(KIND_END) if body.len() == 9 => {
             let mut n = [0u8; 8];
             n.copy_from_slice(&body[1..9]);
@@ -671,6 +750,36 @@ async fn read_stream(
             body.len()
         ))),
     }
+}
+
+/// Splits a [`KIND_BATCH`] stream into its frames. At least two, each
+/// whole: anything else is the peer's framing error.
+fn parse_batch(body: &Bytes) -> Result<Incoming, TransportError> {
+    let bad = |what: &str| TransportError::Framing(format!("a batch of small frames {what}"));
+    let mut n = [0u8; 8];
+    n.copy_from_slice(&body[1..9]);
+    let first = u64::from_be_bytes(n);
+    let mut frames = Vec::new();
+    let mut at = 9;
+    while at < body.len() {
+        if frames.len() == BATCH_MAX_FRAMES {
+            return Err(bad("holds too many frames"));
+        }
+        let Some(prefix) = body.get(at..at + 4) else {
+            return Err(bad("ends inside a length"));
+        };
+        let len = u32::from_be_bytes([prefix[0], prefix[1], prefix[2], prefix[3]]) as usize;
+        at += 4;
+        if len > body.len() - at {
+            return Err(bad("ends inside a frame"));
+        }
+        frames.push(body.slice(at..at + len));
+        at += len;
+    }
+    if frames.len() < 2 {
+        return Err(bad("holds fewer than two frames"));
+    }
+    Ok(Incoming::Batch(first, frames))
 }
 
 /// What a lost connection means to the caller: `None` for a clean end.
@@ -744,6 +853,40 @@ fn write_error(e: WriteError, peer: &str) -> TransportError {
 mod tests {
     use super::*;
     use std::collections::BTreeMap;
+
+    fn batch(first: u64, frames: &[&[u8]]) -> Bytes {
+        let mut b = BytesMut::new();
+        b.extend_from_slice(&[KIND_BATCH]);
+        b.extend_from_slice(&first.to_be_bytes());
+        for f in frames {
+            b.extend_from_slice(&(f.len() as u32).to_be_bytes());
+            b.extend_from_slice(f);
+        }
+        b.freeze()
+    }
+
+    #[test]
+    fn batches_split_into_their_frames_and_refuse_anything_else() {
+        let Ok(Incoming::Batch(7, frames)) = parse_batch(&batch(7, &[b"ab", b"", b"cde"])) else {
+            panic!("a good batch is refused");
+        };
+        assert_eq!(frames, vec![&b"ab"[..], &b""[..], &b"cde"[..]]);
+
+        let refused = |body: Bytes, what: &str| match parse_batch(&body) {
+            Err(TransportError::Framing(m)) => assert!(m.contains(what), "{m}"),
+            Err(e) => panic!("{e}"),
+            Ok(_) => panic!("accepted a batch that {what}"),
+        };
+        refused(batch(0, &[b"only"]), "fewer than two");
+        refused(batch(0, &[]), "fewer than two");
+        let whole = batch(0, &[b"ab", b"cd"]);
+        refused(whole.slice(..whole.len() - 1), "ends inside a frame");
+        let mut cut = BytesMut::from(&batch(0, &[b"ab", b"cd"])[..]);
+        cut.extend_from_slice(&[0, 0]);
+        refused(cut.freeze(), "ends inside a length");
+        let many: Vec<&[u8]> = vec![b"x"; BATCH_MAX_FRAMES + 1];
+        refused(batch(0, &many), "too many");
+    }
 
     #[test]
     fn small_frames_are_put_back_in_order() {
