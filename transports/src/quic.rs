@@ -15,9 +15,10 @@
 //!
 //! # Streams and frame order
 //!
-//! Every frame travels on its own unidirectional stream, so a large frame
-//! does not hold up small ones (small frames also get a higher send
-//! priority). Frames of up to [`COALESCE_MAX`](crate::stream::COALESCE_MAX)
+//! A large frame travels on its own unidirectional stream, so it does not
+//! hold up small ones (small frames also get a higher send priority); small
+//! frames handed over between two flushes share one stream, so a burst of
+//! small messages does not open a stream each. Frames of up to [`COALESCE_MAX`](crate::stream::COALESCE_MAX)
 //! bytes carry a sequence number and are handed over **in the order they
 //! were sent**: one that overtakes an earlier small frame is held back until
 //! that one arrives. Larger frames are handed over as soon as they are
@@ -27,7 +28,10 @@
 //!
 //! Each stream starts with one kind byte: `0` a large frame (the payload
 //! follows, the stream's end ends it), `3` a small frame (an 8-byte
-//! big-endian sequence number among small frames, then the payload), `1` END (8 bytes, big-endian: how many frames
+//! big-endian sequence number among small frames, then the payload), `4` a
+//! batch of two to 64 small frames (the first one's sequence number, then
+//! each frame as a 4-byte big-endian length and its bytes; at most 8 KiB in
+//! all), `1` END (8 bytes, big-endian: how many frames
 //! were sent before it), `2` END-ACK (the receiver has handed over every
 //! frame up to END).
 //!

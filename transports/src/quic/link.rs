@@ -1,4 +1,5 @@
-//! A QUIC connection as a [`Link`]: one unidirectional stream per frame,
+//! A QUIC connection as a [`Link`]: a unidirectional stream per large frame
+//! or per batch of small ones,
 //! END / END-ACK for a clean close, and lingering after a drop (see the
 //! [`super`] module docs for the protocol).
 
