@@ -509,6 +509,42 @@ impl Driver {
         *self.clock.get_or_insert_with(now)
     }
 
+    /// After the session took (or refused) a call: remember who waits for
+    /// the reply, or tell the caller why it was not sent.
+    fn call_sent(
+        &mut self,
+        sent: Result<u64, RemoteError>,
+        target: ActorId,
+        type_name: &str,
+        bytes: usize,
+        reply: oneshot::Sender<Result<ReplyIn, RemoteError>>,
+        fds: Vec<OwnedFd>,
+    ) {
+        match sent {
+            Ok(request) => {
+                Metrics::add(&self.node.metrics.calls_out, 1);
+                let span = tracing::debug_span!("call", actor = %target, msg = type_name, request);
+                span.in_scope(|| debug!(bytes, "call sent"));
+                let sent_at = self.round_now();
+                self.pending.insert(
+                    request,
+                    Pending {
+                        reply,
+                        sent: sent_at,
+                        span,
+                    },
+                );
+                self.attach_fds(fds);
+            }
+            Err(e) => {
+                if let RemoteError::LimitReached { what, max } = &e {
+                    warn!(what, max, actor = %target, msg = type_name, "limit reached");
+                }
+                let _ = reply.send(Err(e));
+            }
+        }
+    }
+
     fn on_command(&mut self, cmd: Command) {
         let t = self.round_now();
         match cmd {
@@ -521,32 +557,10 @@ impl Driver {
                 reply,
             } => {
                 self.pump_session();
-                match self
-                    .session
-                    .send_call(t, target, type_name, &refs, &payload, fds.len() as u8)
-                {
-                    Ok(request) => {
-                        Metrics::add(&self.node.metrics.calls_out, 1);
-                        let span =
-                            tracing::debug_span!("call", actor = %target, msg = type_name, request);
-                        span.in_scope(|| debug!(bytes = payload.len(), "call sent"));
-                        self.pending.insert(
-                            request,
-                            Pending {
-                                reply,
-                                sent: t,
-                                span,
-                            },
-                        );
-                        self.attach_fds(fds);
-                    }
-                    Err(e) => {
-                        if let RemoteError::LimitReached { what, max } = &e {
-                            warn!(what, max, actor = %target, msg = type_name, "limit reached");
-                        }
-                        let _ = reply.send(Err(e));
-                    }
-                }
+                let sent =
+                    self.session
+                        .send_call(t, target, type_name, &refs, &payload, fds.len() as u8);
+                self.call_sent(sent, target, type_name, payload.len(), reply, fds);
             }
             Command::Reply {
                 request,
@@ -585,29 +599,8 @@ impl Driver {
             } => {
                 self.pump_session();
                 let bytes = frame.len();
-                match self.session.send_call_frame(t, target, frame) {
-                    Ok(request) => {
-                        Metrics::add(&self.node.metrics.calls_out, 1);
-                        let span =
-                            tracing::debug_span!("call", actor = %target, msg = type_name, request);
-                        span.in_scope(|| debug!(bytes, "call sent"));
-                        self.pending.insert(
-                            request,
-                            Pending {
-                                reply,
-                                sent: t,
-                                span,
-                            },
-                        );
-                        self.attach_fds(fds);
-                    }
-                    Err(e) => {
-                        if let RemoteError::LimitReached { what, max } = &e {
-                            warn!(what, max, actor = %target, msg = type_name, "limit reached");
-                        }
-                        let _ = reply.send(Err(e));
-                    }
-                }
+                let sent = self.session.send_call_frame(t, target, frame);
+                self.call_sent(sent, target, type_name, bytes, reply, fds);
                 drop(hold);
             }
             Command::CastFrame {

@@ -100,23 +100,12 @@ impl ReplySink {
             }
             match self.node.account_out(&self.conn, &refs) {
                 Ok(wire) => {
-                    let payload_len = buf.len() - room;
-                    let mut head = refctx::frame_buf(
-                        room + wire.len() * 64 + payload_len + self.conn.0.tag_room,
-                    );
-                    encode_reply_head(
-                        &mut head,
-                        self.request,
-                        ReplyStatus::Ok,
-                        fds.len() as u8,
-                        &wire,
-                    );
-                    let frame = if wire.is_empty() && payload_len >= refctx::HANDOVER_MIN {
-                        refctx::hand_over(buf, &head)
-                    } else {
-                        head.extend_from_slice(&buf[room..]);
-                        head
-                    };
+                    let head_max = room + wire.len() * crate::remote::WIRE_REF_MAX;
+                    let n_fds = fds.len() as u8;
+                    let frame =
+                        refctx::into_frame(buf, room, head_max, self.conn.0.tag_room, |out| {
+                            encode_reply_head(out, self.request, ReplyStatus::Ok, n_fds, &wire)
+                        });
                     Ok(Command::ReplyFrame {
                         frame,
                         fds,

@@ -70,7 +70,7 @@ const SCRATCH_KEEP: usize = 4 << 20;
 
 /// From this payload size on, the scratch buffer itself becomes the frame
 /// (see [`hand_over`]) instead of being copied into one.
-pub(crate) const HANDOVER_MIN: usize = 64 * 1024;
+const HANDOVER_MIN: usize = 64 * 1024;
 
 /// Encodes `value` into a per-thread scratch buffer, after `room` bytes
 /// left for the envelope's head, and hands the buffer, with the references
@@ -119,7 +119,7 @@ const ARENA_BLOCK: usize = 64 * 1024;
 /// frames are carved from a per-thread 64 KiB block that they share (a
 /// reference count instead of a `malloc` and `free` per message); the block
 /// is freed when its last frame is.
-pub(crate) fn frame_buf(cap: usize) -> bytes::BytesMut {
+fn frame_buf(cap: usize) -> bytes::BytesMut {
     if cap > ARENA_FRAME_MAX {
         return bytes::BytesMut::with_capacity(cap);
     }
@@ -132,11 +132,37 @@ pub(crate) fn frame_buf(cap: usize) -> bytes::BytesMut {
     })
 }
 
+/// Makes the frame of an encoded message. `buf` is what [`encode_with`]
+/// handed over: `room` bytes of room, then the payload. `head_max` bounds
+/// the envelope's head, which `write_head` writes (everything before the
+/// payload); `tag_room` is kept for a MAC. A large payload whose head fits
+/// the room exactly (no references) keeps its buffer ([`hand_over`]); any
+/// other is copied once, after its head, into a buffer of its size.
+pub(crate) fn into_frame(
+    buf: &mut Vec<u8>,
+    room: usize,
+    head_max: usize,
+    tag_room: usize,
+    write_head: impl FnOnce(&mut bytes::BytesMut),
+) -> bytes::BytesMut {
+    let payload_len = buf.len() - room;
+    if head_max == room && payload_len >= HANDOVER_MIN {
+        let mut head = bytes::BytesMut::with_capacity(room);
+        write_head(&mut head);
+        hand_over(buf, &head)
+    } else {
+        let mut frame = frame_buf(head_max + payload_len + tag_room);
+        write_head(&mut frame);
+        frame.extend_from_slice(&buf[room..]);
+        frame
+    }
+}
+
 /// Makes the scratch buffer `buf` (room for `head`, then a large payload)
 /// the frame itself: `head` is written into the room and the buffer is
 /// taken, with space for a MAC tag, leaving an empty one of the same
 /// capacity behind. Saves copying a large payload once more.
-pub(crate) fn hand_over(buf: &mut Vec<u8>, head: &[u8]) -> bytes::BytesMut {
+fn hand_over(buf: &mut Vec<u8>, head: &[u8]) -> bytes::BytesMut {
     buf[..head.len()].copy_from_slice(head);
     buf.reserve(courier_runtime::wire::TAG_LEN);
     let keep = buf.capacity().min(SCRATCH_KEEP);

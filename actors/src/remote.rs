@@ -383,21 +383,17 @@ fn build_frame<T: serde::Serialize>(
             target: target.local,
             fds: fds.len() as u8,
         };
-        let payload_len = buf.len() - room;
-        let frame = if wire.is_empty() && payload_len >= refctx::HANDOVER_MIN {
-            let mut head = bytes::BytesMut::with_capacity(room);
-            encode_call_head(&mut head, &header, type_name, &wire);
-            refctx::hand_over(buf, &head)
-        } else {
-            let mut frame =
-                refctx::frame_buf(room + wire.len() * 64 + payload_len + conn.0.tag_room);
-            encode_call_head(&mut frame, &header, type_name, &wire);
-            frame.extend_from_slice(&buf[room..]);
-            frame
-        };
+        let head_max = room + wire.len() * WIRE_REF_MAX;
+        let frame = refctx::into_frame(buf, room, head_max, conn.0.tag_room, |out| {
+            encode_call_head(out, &header, type_name, &wire)
+        });
         Ok((frame, fds, refs))
     })
 }
+
+/// Room reserved for one reference in an envelope's head (its encoding
+/// is shorter).
+pub(crate) const WIRE_REF_MAX: usize = 64;
 
 fn check_fds(conn: &ConnHandle, n: usize) -> Result<(), RemoteError> {
     if n > 0 && !conn.0.caps.carries_fds {

@@ -194,30 +194,6 @@ impl RawStream for FdStream {
     ) -> Poll<io::Result<usize>> {
         loop {
             ready!(self.io.poll_write_ready(cx))?;
-            if fds.is_empty() && bufs.len() == 1 {
-                // The common case takes the lighter `send`: no message
-                // header to copy in, no control data to parse.
-                let res = self.io.try_io(Interest::WRITABLE, || {
-                    rustix::net::send(
-                        &self.io,
-                        &bufs[0],
-                        SendFlags::NOSIGNAL | SendFlags::DONTWAIT,
-                    )
-                    .map_err(io::Error::from)
-                });
-                match res {
-                    Ok(n) => return Poll::Ready(Ok(n)),
-                    Err(e)
-                        if matches!(
-                            e.kind(),
-                            io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
-                        ) =>
-                    {
-                        continue
-                    }
-                    Err(e) => return Poll::Ready(Err(e)),
-                }
-            }
             let mut space = [MaybeUninit::<u8>::uninit(); CMSG_SPACE];
             let mut control = SendAncillaryBuffer::new(&mut space);
             if !fds.is_empty() && !control.push(SendAncillaryMessage::ScmRights(fds)) {
@@ -227,12 +203,14 @@ impl RawStream for FdStream {
                 )));
             }
             let res = self.io.try_io(Interest::WRITABLE, || {
-                rustix::net::sendmsg(
-                    &self.io,
-                    bufs,
-                    &mut control,
-                    SendFlags::NOSIGNAL | SendFlags::DONTWAIT,
-                )
+                let flags = SendFlags::NOSIGNAL | SendFlags::DONTWAIT;
+                // The common case takes the lighter `send`: no message
+                // header to copy in, no control data to parse.
+                if fds.is_empty() && bufs.len() == 1 {
+                    rustix::net::send(&self.io, &bufs[0], flags)
+                } else {
+                    rustix::net::sendmsg(&self.io, bufs, &mut control, flags)
+                }
                 .map_err(io::Error::from)
             });
             match res {

@@ -332,8 +332,9 @@ impl<S: RawStream> StreamLink<S> {
     /// already begun (so large frames take few reads), else `read_size`:
     /// small while traffic is light, so an idle connection's buffer stays
     /// small, and growing while messages stream in.
-    fn read_want(&self) -> usize {
-        match self.frame_rest() {
+    /// `rest` is [`Self::frame_rest`].
+    fn read_want(&self, rest: Option<usize>) -> usize {
+        match rest {
             // A small rest comes with the start of what follows; a large
             // one is read on its own, so the buffer sized for this frame
             // need not grow (and copy) at its very end.
@@ -561,8 +562,8 @@ impl<S: RawStream> Link for StreamLink<S> {
                     Err(e) => Poll::Ready(Some(Err(e))),
                 };
             }
-            let want = self.read_want();
             let rest = self.frame_rest();
+            let want = self.read_want(rest);
             if let Some(rest) = rest {
                 self.reserve_for_frame(rest);
             }
