@@ -97,7 +97,7 @@ pub use node::{
     PeerSummary, Supervisor,
 };
 pub use refctx::Fd;
-pub use remote::{RemoteAddr, RemoteRecipient, Request};
+pub use remote::{Call, RemoteAddr, RemoteRecipient, Request};
 pub use spawn::{worker_link_from_env, Worker, WORKER_ENV};
 
 #[cfg(feature = "transports")]

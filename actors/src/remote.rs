@@ -13,6 +13,7 @@ use actix::{Actor, Handler, MailboxError};
 use courier_runtime::error::{DeadReason, RemoteError, RemoteFailure};
 use courier_runtime::id::ActorId;
 use courier_runtime::wire::ReplyStatus;
+use pin_project_lite::pin_project;
 use serde::de::Error as _;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use tokio::sync::oneshot;
@@ -219,67 +220,63 @@ impl<A: Actor> RemoteAddr<A> {
 
     /// Sends `msg` and waits for the typed reply. Add
     /// [`Request::timeout`] to bound the wait.
-    pub fn send<M>(&self, msg: M) -> Request<M::Result>
+    pub fn send<M>(&self, msg: M) -> Request<M::Result, Call<A, M>>
     where
         A: Handler<M>,
         A::Context: ToEnvelope<A, M>,
         M: RemoteMessage,
         M::Result: RemoteReply,
     {
-        let fut: BoxFuture<M::Result> = match &self.target {
-            Target::Local(entry, _) => {
-                let req = entry.with_addr(|a| a.send(msg));
-                Box::pin(async move {
-                    req.await.map_err(|e| match e {
-                        MailboxError::Closed => RemoteError::Remote(RemoteFailure {
-                            type_name: "panic".into(),
-                            message: format!(
-                                "the actor stopped while handling {} (it is restarted if supervised)",
-                                M::TYPE
-                            ),
-                            backtrace: None,
-                        }),
-                        MailboxError::Timeout => RemoteError::Timeout {
-                            after: Duration::ZERO,
-                        },
-                    })
-                })
-            }
+        Request::new(self.call(msg))
+    }
+
+    /// The future behind [`Self::send`]: a local actor is asked through its
+    /// mailbox with no allocation of ours; a remote one through its
+    /// connection.
+    fn call<M>(&self, msg: M) -> Call<A, M>
+    where
+        A: Handler<M>,
+        A::Context: ToEnvelope<A, M>,
+        M: RemoteMessage,
+        M::Result: RemoteReply,
+    {
+        let inner = match &self.target {
+            Target::Local(entry, _) => CallInner::Local {
+                req: entry.with_addr(|a| a.send(msg)),
+            },
             Target::Remote(imp) => {
                 let imp = imp.clone();
-                Box::pin(async move {
-                    let (node, conn) = imp.connection().await?;
-                    let (frame, fds, hold) = build_frame(
-                        &node,
-                        &conn,
-                        imp.id,
-                        M::TYPE.as_str(),
-                        courier_runtime::wire::REQUEST_TO_ASSIGN,
-                        &msg,
-                    )?;
-                    drop(msg);
-                    let (tx, rx) = oneshot::channel();
-                    let cmd = Command::CallFrame {
-                        target: imp.id,
-                        type_name: M::TYPE.as_str(),
-                        frame,
-                        fds,
-                        hold,
-                        reply: tx,
-                    };
-                    if let Err(cmd) = conn.send_inline(cmd) {
-                        conn.send(cmd).await?;
-                    }
-                    let reply = rx.await.map_err(|_| conn.lost())??;
-                    decode_reply::<M::Result>(reply, &imp, M::TYPE.as_str())
-                })
+                CallInner::Remote {
+                    fut: Box::pin(async move {
+                        let (node, conn) = imp.connection().await?;
+                        let (frame, fds, hold) = build_frame(
+                            &node,
+                            &conn,
+                            imp.id,
+                            M::TYPE.as_str(),
+                            courier_runtime::wire::REQUEST_TO_ASSIGN,
+                            &msg,
+                        )?;
+                        drop(msg);
+                        let (tx, rx) = oneshot::channel();
+                        let cmd = Command::CallFrame {
+                            target: imp.id,
+                            type_name: M::TYPE.as_str(),
+                            frame,
+                            fds,
+                            hold,
+                            reply: tx,
+                        };
+                        if let Err(cmd) = conn.send_inline(cmd) {
+                            conn.send(cmd).await?;
+                        }
+                        let reply = rx.await.map_err(|_| conn.lost())??;
+                        decode_reply::<M::Result>(reply, &imp, M::TYPE.as_str())
+                    }),
+                }
             }
         };
-        Request {
-            fut,
-            timeout: None,
-            sleep: None,
-        }
+        Call { inner }
     }
 
     /// Sends `msg` one way. Errors that can be known at once (dead
@@ -456,15 +453,31 @@ pub(crate) fn decode_reply<R: RemoteReply>(
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = Result<T, RemoteError>> + Send>>;
 
-/// A pending request; await it for the reply.
-#[must_use = "a request does nothing unless awaited"]
-pub struct Request<R> {
-    fut: BoxFuture<R>,
-    timeout: Option<Duration>,
-    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+pin_project! {
+    /// A request on its way: await it for the reply. Made by
+    /// [`RemoteAddr::send`] (whose calls to a local actor allocate nothing
+    /// of ours) and [`RemoteRecipient::send`] (boxed, as the actor's type
+    /// is erased there).
+    #[must_use = "a request does nothing unless awaited"]
+    pub struct Request<R, F = BoxFuture<R>> {
+        #[pin]
+        fut: F,
+        timeout: Option<Duration>,
+        sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+        _reply: PhantomData<fn() -> R>,
+    }
 }
 
-impl<R> Request<R> {
+impl<R, F> Request<R, F> {
+    fn new(fut: F) -> Self {
+        Self {
+            fut,
+            timeout: None,
+            sleep: None,
+            _reply: PhantomData,
+        }
+    }
+
     /// Fails with [`RemoteError::Timeout`] if no reply came within `after`.
     /// The call may still run on the remote node.
     pub fn timeout(mut self, after: Duration) -> Self {
@@ -473,15 +486,15 @@ impl<R> Request<R> {
     }
 }
 
-impl<R> Future for Request<R> {
+impl<R, F: Future<Output = Result<R, RemoteError>>> Future for Request<R, F> {
     type Output = Result<R, RemoteError>;
 
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = &mut *self;
-        if let Poll::Ready(r) = this.fut.as_mut().poll(cx) {
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        if let Poll::Ready(r) = this.fut.poll(cx) {
             return Poll::Ready(r);
         }
-        if let Some(after) = this.timeout {
+        if let Some(after) = *this.timeout {
             let sleep = this
                 .sleep
                 .get_or_insert_with(|| Box::pin(tokio::time::sleep(after)));
@@ -490,6 +503,69 @@ impl<R> Future for Request<R> {
             }
         }
         Poll::Pending
+    }
+}
+
+pin_project! {
+    /// The future of one [`RemoteAddr::send`]; await it through its
+    /// [`Request`].
+    pub struct Call<A, M>
+    where
+        A: Handler<M>,
+        A::Context: ToEnvelope<A, M>,
+        M: RemoteMessage,
+        M::Result: RemoteReply,
+    {
+        #[pin]
+        inner: CallInner<A, M>,
+    }
+}
+
+pin_project! {
+    #[project = CallProj]
+    enum CallInner<A, M>
+    where
+        A: Handler<M>,
+        A::Context: ToEnvelope<A, M>,
+        M: RemoteMessage,
+        M::Result: RemoteReply,
+    {
+        Local {
+            #[pin]
+            req: actix::dev::Request<A, M>,
+        },
+        Remote {
+            fut: BoxFuture<M::Result>,
+        },
+    }
+}
+
+impl<A, M> Future for Call<A, M>
+where
+    A: Handler<M>,
+    A::Context: ToEnvelope<A, M>,
+    M: RemoteMessage,
+    M::Result: RemoteReply,
+{
+    type Output = Result<M::Result, RemoteError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project().inner.project() {
+            CallProj::Local { req } => req.poll(cx).map_err(|e| match e {
+                MailboxError::Closed => RemoteError::Remote(RemoteFailure {
+                    type_name: "panic".into(),
+                    message: format!(
+                        "the actor stopped while handling {} (it is restarted if supervised)",
+                        M::TYPE
+                    ),
+                    backtrace: None,
+                }),
+                MailboxError::Timeout => RemoteError::Timeout {
+                    after: Duration::ZERO,
+                },
+            }),
+            CallProj::Remote { fut } => fut.as_mut().poll(cx),
+        }
     }
 }
 
@@ -538,7 +614,7 @@ where
     M::Result: RemoteReply,
 {
     fn send(&self, msg: M) -> Request<M::Result> {
-        RemoteAddr::send(self, msg)
+        Request::new(Box::pin(self.call(msg)))
     }
     fn do_send(&self, msg: M) -> Result<(), RemoteError> {
         RemoteAddr::do_send(self, msg)

@@ -137,6 +137,25 @@ fn local_references_skip_the_wire() {
         let counter = export_counter(&server, "counter");
         assert!(counter.is_local());
         assert_eq!(counter.send(Add(2)).await.unwrap(), Ok(2));
+        // The same errors as through a connection: a timeout, and a panic
+        // reported as a remote failure, after which the restarted actor
+        // answers under the same reference.
+        let e = counter
+            .send(Slow(2_000))
+            .timeout(Duration::from_millis(100))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, RemoteError::Timeout { .. }), "{e}");
+        let e = counter.send(Crash).await.unwrap_err();
+        let RemoteError::Remote(f) = &e else {
+            panic!("{e}")
+        };
+        assert_eq!(f.type_name, "panic");
+        assert!(f.message.contains("test.counter.crash"), "{}", f.message);
+        assert_eq!(counter.send(Add(1)).await.unwrap(), Ok(1));
+        // Typed through a recipient, the call is boxed and answers alike.
+        let add = counter.recipient::<Add>();
+        assert_eq!(add.send(Add(1)).await.unwrap(), Ok(2));
         assert_eq!(server.stats().calls_in, 0);
     });
 }
