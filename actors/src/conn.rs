@@ -709,9 +709,10 @@ impl Driver {
                 }
             }
             Event::Call(call) | Event::Cast(call) => {
-                let Some(h) = self.handle.clone() else { return };
+                let Some(h) = &self.handle else { return };
                 let fds = fds.take().unwrap_or_default();
-                match self.node.dispatch_inbound(&h, call, fds) {
+                let dispatched = self.node.dispatch_inbound(h, call, fds);
+                match dispatched {
                     Dispatch::Done => {}
                     Dispatch::Reply(cmd) => self.on_command(cmd),
                     Dispatch::Pending(f) => self.inbound.push(f),

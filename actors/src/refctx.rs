@@ -125,7 +125,12 @@ fn frame_buf(cap: usize) -> bytes::BytesMut {
     }
     FRAME_ARENA.with_borrow_mut(|arena| {
         if arena.capacity() < cap {
-            *arena = bytes::BytesMut::with_capacity(ARENA_BLOCK);
+            // Takes the block back when every frame carved from it is
+            // gone (the usual case: frames are freed once written), else
+            // allocates a new one. Reusing it matters more than it seems:
+            // each large allocation makes glibc consolidate the small
+            // chunks freed since, thousands of them under a flood.
+            arena.reserve(ARENA_BLOCK);
         }
         let rest = arena.split_off(cap);
         std::mem::replace(arena, rest)

@@ -404,6 +404,12 @@ impl Session {
     /// One frame body arrived from the link.
     pub fn handle_frame(&mut self, now: Instant, frame: Bytes) {
         self.stats.frames_in += 1;
+        // The common case, handled in place: moving the state out and back
+        // costs a copy of the whole enum per frame.
+        if let State::Open(o) = &mut self.state {
+            let result = o.receive(now, frame, self.config.max_frame);
+            return self.after_receive(now, result);
+        }
         let state = std::mem::replace(&mut self.state, State::Closed);
         if !matches!(state, State::Open(_) | State::Closed) && frame.len() > HANDSHAKE_MAX_FRAME {
             self.state = state;
@@ -442,21 +448,26 @@ impl Session {
             State::Open(mut o) => {
                 let result = o.receive(now, frame, self.config.max_frame);
                 self.state = State::Open(o);
-                match result {
-                    Ok(Some(ev)) => self.events.push_back(ev),
-                    Ok(None) => {}
-                    Err(Incoming::Goodbye(why)) => {
-                        if let State::Open(o) = &mut self.state {
-                            o.goodbye.get_or_insert(why);
-                        }
-                    }
-                    Err(Incoming::Late) => self.stats.late_replies += 1,
-                    Err(Incoming::Broken(e)) => {
-                        // Tell the peer before going: it helps debugging.
-                        self.push_control(now, &Envelope::Goodbye(format!("protocol error: {e}")));
-                        self.close_with(CloseReason::Protocol(e));
-                    }
+                self.after_receive(now, result);
+            }
+        }
+    }
+
+    /// What an open session does with what a frame brought.
+    fn after_receive(&mut self, now: Instant, result: Result<Option<Event>, Incoming>) {
+        match result {
+            Ok(Some(ev)) => self.events.push_back(ev),
+            Ok(None) => {}
+            Err(Incoming::Goodbye(why)) => {
+                if let State::Open(o) = &mut self.state {
+                    o.goodbye.get_or_insert(why);
                 }
+            }
+            Err(Incoming::Late) => self.stats.late_replies += 1,
+            Err(Incoming::Broken(e)) => {
+                // Tell the peer before going: it helps debugging.
+                self.push_control(now, &Envelope::Goodbye(format!("protocol error: {e}")));
+                self.close_with(CloseReason::Protocol(e));
             }
         }
     }
