@@ -8,7 +8,7 @@
 //! for senders), frames to write (bounded queue in front of the link's own
 //! bounded queue), and the session's timer.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::future::Future;
 use std::os::fd::OwnedFd;
 use std::pin::Pin;
@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use courier_runtime::error::{HandshakeError, RemoteError};
 use courier_runtime::handshake::PeerInfo;
-use courier_runtime::id::{ActorId, NodeId};
+use courier_runtime::id::{ActorId, NodeId, RequestIdMap};
 use courier_runtime::session::{CloseReason, Event, Role, Session};
 use courier_runtime::transport::{Frame, Link, LinkCaps, TransportError};
 use courier_runtime::wire::{ReleaseEntry, ReplyStatus, WireRef, TAG_LEN};
@@ -253,7 +253,7 @@ pub(crate) struct Driver {
     handle: Option<ConnHandle>,
     established: Option<oneshot::Sender<Result<ConnHandle, RemoteError>>>,
     outq: VecDeque<Frame>,
-    pending: HashMap<u64, Pending>,
+    pending: RequestIdMap<Pending>,
     timer: Pin<Box<tokio::time::Sleep>>,
     timer_at: Option<Instant>,
     /// The time read for the current round of work (see `round_now`).
@@ -453,7 +453,7 @@ impl Driver {
             handle: None,
             established,
             outq: VecDeque::new(),
-            pending: HashMap::new(),
+            pending: RequestIdMap::default(),
             timer: Box::pin(tokio::time::sleep(Duration::from_secs(3600))),
             timer_at: None,
             clock: None,

@@ -183,3 +183,34 @@ mod tests {
         assert_eq!(id.to_string(), "abababababababab/2a/3.1");
     }
 }
+
+/// Hashes request ids, which this node assigns itself in sequence: one
+/// multiplication where SipHash costs about a hundred instructions. A peer
+/// can only look ids up (a reply's request id), never insert one, so it
+/// cannot choose colliding keys.
+#[derive(Default, Clone, Copy)]
+pub struct RequestIdHasher(u64);
+
+impl std::hash::Hasher for RequestIdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0 ^ n).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
+/// A map keyed by request ids (see [`RequestIdHasher`]).
+pub type RequestIdMap<V> =
+    std::collections::HashMap<u64, V, std::hash::BuildHasherDefault<RequestIdHasher>>;
+
+/// A set of request ids (see [`RequestIdHasher`]).
+pub type RequestIdSet =
+    std::collections::HashSet<u64, std::hash::BuildHasherDefault<RequestIdHasher>>;

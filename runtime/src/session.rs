@@ -12,7 +12,7 @@
 //!
 //! Time and nonces come from the caller, so a run replays exactly.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::VecDeque;
 use std::fmt;
 use std::time::{Duration, Instant};
 
@@ -26,7 +26,7 @@ use crate::handshake::{
     refusal_for, AwaitChallenge, AwaitHello, AwaitResponse, AwaitWelcome, Established,
     HandshakeConfig, PeerInfo,
 };
-use crate::id::{validate_type_name, ActorId, Incarnation, LocalId};
+use crate::id::{validate_type_name, ActorId, Incarnation, LocalId, RequestIdSet};
 use crate::liveness::{Liveness, LivenessAction, LivenessConfig};
 use crate::wire::{
     encode_call, encode_control, encode_release, encode_reply, features, Call, CallHeader,
@@ -177,7 +177,7 @@ struct Open {
     mac: Option<FrameMac>,
     liveness: Liveness,
     next_request: u64,
-    pending: HashSet<u64>,
+    pending: RequestIdSet,
     next_acquire: u64,
     recv_seq: u64,
     send_seq: u64,
@@ -791,7 +791,7 @@ impl Session {
             mac,
             liveness: Liveness::new(self.config.liveness, now),
             next_request: 0,
-            pending: HashSet::new(),
+            pending: RequestIdSet::default(),
             next_acquire: 0,
             recv_seq: 0,
             send_seq: 0,

@@ -297,21 +297,31 @@ impl<S: RawStream> StreamLink<S> {
         }
         self.outbox.seal();
         while !self.outbox.chunks.is_empty() {
-            let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
-            let mut count = 0;
-            for (i, chunk) in self.outbox.chunks.iter().enumerate() {
-                if count == MAX_IOVECS || (i > 0 && !chunk.fds.is_empty()) {
-                    break;
+            // One chunk is the common case (small frames coalesce into
+            // one): no array of empty slices to fill first.
+            let single;
+            let mut many;
+            let slices: &[IoSlice<'_>] = if self.outbox.chunks.len() == 1 {
+                single = [IoSlice::new(&self.outbox.chunks[0].data)];
+                &single
+            } else {
+                many = [IoSlice::new(&[]); MAX_IOVECS];
+                let mut count = 0;
+                for (i, chunk) in self.outbox.chunks.iter().enumerate() {
+                    if count == MAX_IOVECS || (i > 0 && !chunk.fds.is_empty()) {
+                        break;
+                    }
+                    many[count] = IoSlice::new(&chunk.data);
+                    count += 1;
                 }
-                slices[count] = IoSlice::new(&chunk.data);
-                count += 1;
-            }
+                &many[..count]
+            };
             let first_fds: Vec<BorrowedFd<'_>> = self.outbox.chunks[0]
                 .fds
                 .iter()
                 .map(|f| f.as_fd())
                 .collect();
-            let res = ready!(self.io.poll_write_some(cx, &slices[..count], &first_fds));
+            let res = ready!(self.io.poll_write_some(cx, slices, &first_fds));
             drop(first_fds);
             match res {
                 Ok(0) => {
