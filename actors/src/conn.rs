@@ -99,6 +99,7 @@ pub(crate) struct ReplyIn {
     pub payload: Bytes,
     pub refs: Vec<Resolved>,
     pub fds: Vec<OwnedFd>,
+    pub blobs: Vec<Bytes>,
 }
 
 /// Shared view of an established connection.
@@ -122,6 +123,8 @@ pub(crate) struct ConnShared {
     /// one. Frames are allocated to their exact size, so that freezing one
     /// allocates nothing more.
     pub tag_room: usize,
+    /// Whether the peer takes [`crate::Blob`]s beside the payload.
+    pub blobs: bool,
     /// The peer's key id, shared by every [`crate::Caller`] made for it.
     pub key_id: Arc<str>,
     /// The driver, for sending without a queue (see [`ConnHandle::send_inline`]).
@@ -679,6 +682,7 @@ impl Driver {
                     .unwrap_or_default();
                 let key_id: Arc<str> = Arc::from(peer.key_id.as_str());
                 let handle = ConnHandle(Arc::new(ConnShared {
+                    blobs: peer.features & courier_runtime::wire::features::BLOBS != 0,
                     key_id,
                     driver: self.cell.clone(),
                     id: self.conn_id,
@@ -732,6 +736,7 @@ impl Driver {
                     payload: reply.payload,
                     refs,
                     fds,
+                    blobs: reply.blobs,
                 };
                 if let Some(p) = self.pending.remove(&reply.request) {
                     let rtt = self.round_now().saturating_duration_since(p.sent);

@@ -44,6 +44,7 @@ pub(crate) struct Inbound<'a> {
     pub payload: Bytes,
     pub refs: Vec<Resolved>,
     pub fds: Vec<OwnedFd>,
+    pub blobs: Vec<Bytes>,
     pub reply: Option<ReplySink>,
     /// The connection it came on: its peer is the caller, and a delivery
     /// that waits counts as in flight on it (see [`InflightGuard`]).
@@ -84,10 +85,11 @@ impl ReplySink {
     /// Encodes `value` (with any references or descriptors in it) as the
     /// reply command for the connection's driver.
     pub fn reply<T: Serialize>(mut self, value: &T) -> Command {
-        use courier_runtime::wire::{encode_reply_head, REPLY_HEADER_LEN};
+        use courier_runtime::wire::{encode_reply_head, BLOB_LEN_SIZE, REPLY_HEADER_LEN};
         self.done = true;
         let room = REPLY_HEADER_LEN;
-        let built = refctx::encode_with(value, room, |buf, refs, fds| {
+        let built = refctx::encode_with(value, room, self.conn.0.blobs, |buf, found| {
+            let refctx::Found { refs, fds, blobs } = found;
             if !fds.is_empty() && !self.conn.0.caps.carries_fds {
                 self.node.discard_out(&refs);
                 return Ok(self.status_command(
@@ -100,12 +102,14 @@ impl ReplySink {
             }
             match self.node.account_out(&self.conn, &refs) {
                 Ok(wire) => {
-                    let head_max = room + wire.len() * crate::remote::WIRE_REF_MAX;
+                    let head_max = room
+                        + wire.len() * crate::remote::WIRE_REF_MAX
+                        + blobs.len() * BLOB_LEN_SIZE;
                     let n_fds = fds.len() as u8;
-                    let frame =
-                        refctx::into_frame(buf, room, head_max, self.conn.0.tag_room, |out| {
-                            encode_reply_head(out, self.request, ReplyStatus::Ok, n_fds, &wire)
-                        });
+                    let tag_room = self.conn.0.tag_room;
+                    let frame = refctx::into_frame(buf, room, head_max, tag_room, &blobs, |out| {
+                        encode_reply_head(out, self.request, ReplyStatus::Ok, n_fds, &wire, &blobs)
+                    });
                     Ok(Command::ReplyFrame {
                         frame,
                         fds,
@@ -355,12 +359,13 @@ where
             payload,
             refs,
             fds,
+            blobs,
             reply,
             conn,
             span,
             ..
         } = inbound;
-        let msg: M = match refctx::decode(&payload, refs, fds) {
+        let msg: M = match refctx::decode(&payload, refs, fds, blobs) {
             Ok(mut m) => {
                 if M::WANTS_CALLER {
                     M::set_caller(

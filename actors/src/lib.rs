@@ -96,7 +96,7 @@ pub use node::{
     ActorDown, ExportSummary, FrameMac, Limits, Node, NodeBuilder, NodeDown, NodeStats,
     PeerSummary, Supervisor,
 };
-pub use refctx::Fd;
+pub use refctx::{Blob, Fd};
 pub use remote::{Call, RemoteAddr, RemoteRecipient, Request};
 pub use spawn::{worker_link_from_env, Worker, WORKER_ENV};
 

@@ -241,7 +241,7 @@ impl NodeShared {
             FrameMac::Never => false,
             FrameMac::Auto => !caps.encrypted && !caps.kernel_local && !is_loopback(peer),
         };
-        hs.features = if mac { features::FRAME_MAC } else { 0 };
+        hs.features = features::BLOBS | if mac { features::FRAME_MAC } else { 0 };
         let mut cfg = SessionConfig::new(hs);
         cfg.handshake_timeout = self.handshake_timeout;
         cfg.liveness = self.liveness;
@@ -828,6 +828,7 @@ impl NodeShared {
                 payload: call.payload,
                 refs,
                 fds,
+                blobs: call.blobs,
                 reply,
                 conn: h,
                 span: span.clone(),

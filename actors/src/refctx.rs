@@ -12,6 +12,8 @@ use std::cell::RefCell;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 
+use bytes::Bytes;
+
 use courier_runtime::codec;
 use courier_runtime::error::{DeadReason, RemoteError};
 use courier_runtime::id::ActorId;
@@ -47,11 +49,15 @@ pub(crate) enum Resolved {
 struct OutCtx {
     refs: Vec<OutRef>,
     fds: Vec<OwnedFd>,
+    /// `None` when the link's peer takes no blobs: [`Blob`]s are encoded
+    /// into the payload then.
+    blobs: Option<Vec<Bytes>>,
 }
 
 struct InCtx {
     refs: Vec<Resolved>,
     fds: Vec<Option<OwnedFd>>,
+    blobs: Vec<Bytes>,
 }
 
 thread_local! {
@@ -72,20 +78,31 @@ const SCRATCH_KEEP: usize = 4 << 20;
 /// (see [`hand_over`]) instead of being copied into one.
 const HANDOVER_MIN: usize = 64 * 1024;
 
+/// What [`encode_with`] found in a value besides its payload.
+pub(crate) struct Found {
+    pub refs: Vec<OutRef>,
+    pub fds: Vec<OwnedFd>,
+    /// [`Blob`]s, to follow the payload (see [`into_frame`]).
+    pub blobs: Vec<Bytes>,
+}
+
 /// Encodes `value` into a per-thread scratch buffer, after `room` bytes
-/// left for the envelope's head, and hands the buffer, with the references
-/// and descriptors found in the value, to `build`. The payload is
-/// `buf[room..]`; `build` copies it into a frame or takes the buffer with
-/// [`hand_over`].
+/// left for the envelope's head, and hands the buffer, with the
+/// references, descriptors and blobs found in the value, to `build`. The
+/// payload is `buf[room..]`; `build` copies it into a frame or takes the
+/// buffer with [`hand_over`]. `blobs_ok` says whether the peer takes
+/// blobs beside the payload.
 pub(crate) fn encode_with<T: Serialize, R>(
     value: &T,
     room: usize,
-    build: impl FnOnce(&mut Vec<u8>, Vec<OutRef>, Vec<OwnedFd>) -> Result<R, RemoteError>,
+    blobs_ok: bool,
+    build: impl FnOnce(&mut Vec<u8>, Found) -> Result<R, RemoteError>,
 ) -> Result<R, RemoteError> {
     let saved = OUT.with(|c| {
         c.borrow_mut().replace(OutCtx {
             refs: Vec::new(),
             fds: Vec::new(),
+            blobs: blobs_ok.then(Vec::new),
         })
     });
     let mut buf = SCRATCH.with(|b| std::mem::take(&mut *b.borrow_mut()));
@@ -96,7 +113,14 @@ pub(crate) fn encode_with<T: Serialize, R>(
         .with(|c| std::mem::replace(&mut *c.borrow_mut(), saved))
         .expect("set above");
     let out = match result {
-        Ok(()) => build(&mut buf, ctx.refs, ctx.fds),
+        Ok(()) => build(
+            &mut buf,
+            Found {
+                refs: ctx.refs,
+                fds: ctx.fds,
+                blobs: ctx.blobs.unwrap_or_default(),
+            },
+        ),
         Err(e) => Err(e),
     };
     if buf.capacity() <= SCRATCH_KEEP {
@@ -140,25 +164,39 @@ fn frame_buf(cap: usize) -> bytes::BytesMut {
 /// Makes the frame of an encoded message. `buf` is what [`encode_with`]
 /// handed over: `room` bytes of room, then the payload. `head_max` bounds
 /// the envelope's head, which `write_head` writes (everything before the
-/// payload); `tag_room` is kept for a MAC. A large payload whose head fits
-/// the room exactly (no references) keeps its buffer ([`hand_over`]); any
-/// other is copied once, after its head, into a buffer of its size.
+/// payload); `blobs` follow the payload; `tag_room` is kept for a MAC. A
+/// large message is built in the scratch buffer, which becomes the frame
+/// ([`hand_over`]); a small one is copied once, after its head, into a
+/// buffer of its size.
 pub(crate) fn into_frame(
     buf: &mut Vec<u8>,
     room: usize,
     head_max: usize,
     tag_room: usize,
+    blobs: &[Bytes],
     write_head: impl FnOnce(&mut bytes::BytesMut),
 ) -> bytes::BytesMut {
     let payload_len = buf.len() - room;
-    if head_max == room && payload_len >= HANDOVER_MIN {
-        let mut head = bytes::BytesMut::with_capacity(room);
+    let blobs_len: usize = blobs.iter().map(Bytes::len).sum();
+    if payload_len + blobs_len >= HANDOVER_MIN {
+        let mut head = bytes::BytesMut::with_capacity(head_max);
         write_head(&mut head);
+        if head.len() != room {
+            // References or blobs made the head longer than the room left
+            // for it: move the payload (small, when blobs carry the bulk).
+            buf.splice(..room, head.iter().copied());
+        }
+        for b in blobs {
+            buf.extend_from_slice(b);
+        }
         hand_over(buf, &head)
     } else {
-        let mut frame = frame_buf(head_max + payload_len + tag_room);
+        let mut frame = frame_buf(head_max + payload_len + blobs_len + tag_room);
         write_head(&mut frame);
         frame.extend_from_slice(&buf[room..]);
+        for b in blobs {
+            frame.extend_from_slice(b);
+        }
         frame
     }
 }
@@ -184,11 +222,13 @@ pub(crate) fn decode<T: DeserializeOwned>(
     bytes: &[u8],
     refs: Vec<Resolved>,
     fds: Vec<OwnedFd>,
+    blobs: Vec<Bytes>,
 ) -> Result<T, RemoteError> {
     let saved = IN.with(|c| {
         c.borrow_mut().replace(InCtx {
             refs,
             fds: fds.into_iter().map(Some).collect(),
+            blobs,
         })
     });
     let result = codec::decode(bytes);
@@ -284,5 +324,200 @@ impl<'de> Deserialize<'de> for Fd {
                 "an Fd can only be deserialized by Courier, from a message it received",
             )),
         })
+    }
+}
+
+/// Bytes that travel beside a message's CBOR payload rather than inside
+/// it: the receiver gets them as a slice of the frame it read, with no
+/// copy, where a `Vec<u8>` or `bytes::Bytes` field is copied out of the
+/// CBOR (twice, by ciborium). Use it for bulk data: file contents, images,
+/// large buffers. A message may hold several, anywhere in its structure.
+///
+/// Outside Courier (serialized to JSON, say), and to a peer that does not
+/// take blobs, a `Blob` is an ordinary byte string. A received `Blob`
+/// shares the buffer of the frame it came in: keep a copy
+/// (`Blob::from(blob.to_vec())`) rather than the blob if you keep a small
+/// part of a large message for long.
+#[derive(Clone, Default, PartialEq, Eq, Hash)]
+pub struct Blob(Bytes);
+
+impl Blob {
+    /// A blob of `bytes` (no copy for `Bytes`, `Vec<u8>` or `&'static [u8]`).
+    pub fn new(bytes: impl Into<Bytes>) -> Self {
+        Self(bytes.into())
+    }
+
+    /// The bytes, as a cheaply clonable `Bytes`.
+    pub fn into_bytes(self) -> Bytes {
+        self.0
+    }
+
+    /// The bytes.
+    pub fn as_bytes(&self) -> &Bytes {
+        &self.0
+    }
+}
+
+impl std::ops::Deref for Blob {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl AsRef<[u8]> for Blob {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl From<Bytes> for Blob {
+    fn from(b: Bytes) -> Self {
+        Self(b)
+    }
+}
+
+impl From<Vec<u8>> for Blob {
+    fn from(v: Vec<u8>) -> Self {
+        Self(v.into())
+    }
+}
+
+impl From<&'static [u8]> for Blob {
+    fn from(s: &'static [u8]) -> Self {
+        Self(Bytes::from_static(s))
+    }
+}
+
+impl std::fmt::Debug for Blob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Blob({} bytes)", self.0.len())
+    }
+}
+
+impl Serialize for Blob {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        // Beside the payload when Courier encodes a message for a peer
+        // that takes blobs: the payload holds the blob's index.
+        let index = OUT.with(|c| {
+            let mut c = c.borrow_mut();
+            let blobs = c.as_mut()?.blobs.as_mut()?;
+            blobs.push(self.0.clone());
+            Some((blobs.len() - 1) as u64)
+        });
+        match index {
+            Some(i) if i < courier_runtime::wire::MAX_BLOBS as u64 => s.serialize_u64(i),
+            Some(_) => Err(S::Error::custom(format!(
+                "a message holds more than {} blobs",
+                courier_runtime::wire::MAX_BLOBS
+            ))),
+            None => s.serialize_bytes(&self.0),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Blob {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(BlobVisitor)
+    }
+}
+
+struct BlobVisitor;
+
+impl<'de> serde::de::Visitor<'de> for BlobVisitor {
+    type Value = Blob;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a byte string, or the index of a blob that came with the message")
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, index: u64) -> Result<Blob, E> {
+        IN.with(|c| match c.borrow().as_ref() {
+            Some(ctx) => usize::try_from(index)
+                .ok()
+                .and_then(|i| ctx.blobs.get(i))
+                .map(|b| Blob(b.clone()))
+                .ok_or_else(|| {
+                    E::custom(format!(
+                        "blob index {index} is out of range ({} blobs came with the message)",
+                        ctx.blobs.len()
+                    ))
+                }),
+            None => Err(E::custom(
+                "a blob index can only be decoded by Courier, from a message it received",
+            )),
+        })
+    }
+
+    fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Blob, E> {
+        Ok(Blob(Bytes::copy_from_slice(v)))
+    }
+
+    fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<Blob, E> {
+        Ok(Blob(Bytes::from(v)))
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Blob, A::Error> {
+        // Formats without byte strings write bytes as a sequence of numbers.
+        let mut v = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(4096));
+        while let Some(b) = seq.next_element::<u8>()? {
+            v.push(b);
+        }
+        Ok(Blob(Bytes::from(v)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Serialize, Deserialize, PartialEq, Debug)]
+    struct Doc {
+        name: String,
+        body: Blob,
+    }
+
+    fn doc() -> Doc {
+        Doc {
+            name: "a".into(),
+            body: Blob::from(vec![9u8; 10_000]),
+        }
+    }
+
+    #[test]
+    fn outside_courier_a_blob_is_a_byte_string() {
+        let bytes = codec::encode(&doc()).unwrap();
+        // The 10,000 bytes are in the CBOR, as a byte string.
+        assert!(bytes.len() > 10_000);
+        assert_eq!(codec::decode::<Doc>(&bytes).unwrap(), doc());
+        // An index needs the blobs of a received message.
+        let index = codec::encode(&0u64).unwrap();
+        let e = codec::decode::<Blob>(&index).unwrap_err();
+        assert!(e.to_string().contains("only be decoded by Courier"), "{e}");
+    }
+
+    #[test]
+    fn blobs_go_beside_the_payload_only_when_the_peer_takes_them() {
+        let (payload, blobs) =
+            encode_with(&doc(), 0, true, |buf, found| Ok((buf.clone(), found.blobs))).unwrap();
+        assert!(payload.len() < 100, "the payload holds only an index");
+        assert_eq!(blobs.len(), 1);
+        let back: Doc = decode(&payload, vec![], vec![], blobs).unwrap();
+        assert_eq!(back, doc());
+        // An index past the blobs that came is a clear error.
+        let e = decode::<Doc>(&payload, vec![], vec![], vec![]).unwrap_err();
+        assert!(
+            e.to_string().contains("blob index 0 is out of range"),
+            "{e}"
+        );
+
+        let (payload, blobs) = encode_with(&doc(), 0, false, |buf, found| {
+            Ok((buf.clone(), found.blobs))
+        })
+        .unwrap();
+        assert!(blobs.is_empty());
+        assert!(payload.len() > 10_000, "inline, as a byte string");
+        let back: Doc = decode(&payload, vec![], vec![], vec![]).unwrap();
+        assert_eq!(back, doc());
     }
 }

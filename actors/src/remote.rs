@@ -366,9 +366,10 @@ fn build_frame<T: serde::Serialize>(
     request: u64,
     msg: &T,
 ) -> Result<Built, RemoteError> {
-    use courier_runtime::wire::{encode_call_head, CallHeader, CALL_HEADER_LEN};
+    use courier_runtime::wire::{encode_call_head, CallHeader, BLOB_LEN_SIZE, CALL_HEADER_LEN};
     let room = CALL_HEADER_LEN + type_name.len();
-    refctx::encode_with(msg, room, |buf, refs, fds| {
+    refctx::encode_with(msg, room, conn.0.blobs, |buf, found| {
+        let refctx::Found { refs, fds, blobs } = found;
         if let Err(e) = check_fds(conn, fds.len()) {
             node.discard_out(&refs);
             return Err(e);
@@ -380,9 +381,9 @@ fn build_frame<T: serde::Serialize>(
             target: target.local,
             fds: fds.len() as u8,
         };
-        let head_max = room + wire.len() * WIRE_REF_MAX;
-        let frame = refctx::into_frame(buf, room, head_max, conn.0.tag_room, |out| {
-            encode_call_head(out, &header, type_name, &wire)
+        let head_max = room + wire.len() * WIRE_REF_MAX + blobs.len() * BLOB_LEN_SIZE;
+        let frame = refctx::into_frame(buf, room, head_max, conn.0.tag_room, &blobs, |out| {
+            encode_call_head(out, &header, type_name, &wire, &blobs)
         });
         Ok((frame, fds, refs))
     })
@@ -415,7 +416,7 @@ pub(crate) fn decode_reply<R: RemoteReply>(
 ) -> Result<R, RemoteError> {
     let text = || courier_runtime::codec::decode::<String>(&reply.payload).unwrap_or_default();
     match reply.status {
-        ReplyStatus::Ok => refctx::decode(&reply.payload, reply.refs, reply.fds),
+        ReplyStatus::Ok => refctx::decode(&reply.payload, reply.refs, reply.fds, reply.blobs),
         ReplyStatus::Failed => Err(RemoteError::Remote(
             courier_runtime::codec::decode(&reply.payload).unwrap_or(RemoteFailure {
                 type_name: "unknown".into(),

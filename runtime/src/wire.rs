@@ -54,8 +54,11 @@ pub mod features {
     pub const FRAME_MAC: u64 = 1 << 0;
     /// Reserved: session resumption with sequence numbers and acks.
     pub const RESUME: u64 = 1 << 1;
+    /// Calls and replies may carry blobs beside their payload (see
+    /// [`super::BLOB_LEN_SIZE`]).
+    pub const BLOBS: u64 = 1 << 2;
     /// Every feature this build knows.
-    pub const KNOWN: u64 = FRAME_MAC;
+    pub const KNOWN: u64 = FRAME_MAC | BLOBS;
 }
 
 /// Bytes in a handshake nonce.
@@ -74,6 +77,13 @@ pub const MAX_REASON_LEN: usize = 200;
 pub const CALL_HEADER_LEN: usize = 32;
 /// Bytes of the fixed part of a reply header.
 pub const REPLY_HEADER_LEN: usize = 16;
+/// Bytes per entry of a call's or reply's blob table (a big-endian
+/// length). Blobs are byte strings that travel beside the CBOR payload,
+/// so that the receiver hands them out as slices of the frame instead of
+/// copying them out of CBOR.
+pub const BLOB_LEN_SIZE: usize = 8;
+/// Most blobs in one message (the count is a 16-bit field).
+pub const MAX_BLOBS: usize = u16::MAX as usize;
 /// Bytes of one release entry.
 pub const RELEASE_ENTRY_LEN: usize = 24;
 
@@ -369,6 +379,9 @@ pub struct Call {
     pub refs: Vec<WireRef>,
     /// The CBOR payload.
     pub payload: Bytes,
+    /// Byte blobs carried beside the payload, indexed from it (see
+    /// [`BLOB_LEN_SIZE`]); each shares the frame's buffer.
+    pub blobs: Vec<Bytes>,
 }
 
 impl Call {
@@ -437,6 +450,8 @@ pub struct Reply {
     pub refs: Vec<WireRef>,
     /// The payload (see [`ReplyStatus`]).
     pub payload: Bytes,
+    /// Byte blobs carried beside the payload, as in [`Call::blobs`].
+    pub blobs: Vec<Bytes>,
 }
 
 /// One entry of a release: `count` references to `target` are dropped.
@@ -678,8 +693,8 @@ fn decode_call(frame: &Bytes) -> Result<Call, DecodeError> {
     let name_len = r.u8()? as usize;
     let fds = r.u8()?;
     let n_refs = r.u16()? as usize;
-    let reserved = r.u16()?;
-    if flags != 0 || reserved != 0 {
+    let n_blobs = r.u16()? as usize;
+    if flags != 0 {
         return Err(DecodeError::Invalid { what: "call flags" });
     }
     let request = r.u64()?;
@@ -692,7 +707,7 @@ fn decode_call(frame: &Bytes) -> Result<Call, DecodeError> {
     })?;
     let type_name = frame.slice(name_start..name_start + name_len);
     let refs = decode_refs(&mut r, n_refs)?;
-    let payload = frame.slice(r.pos..);
+    let (payload, blobs) = decode_blobs(frame, &mut r, n_blobs)?;
     Ok(Call {
         header: CallHeader {
             request,
@@ -703,6 +718,7 @@ fn decode_call(frame: &Bytes) -> Result<Call, DecodeError> {
         type_name,
         refs,
         payload,
+        blobs,
     })
 }
 
@@ -713,22 +729,68 @@ fn decode_reply(frame: &Bytes) -> Result<Reply, DecodeError> {
     let status = ReplyStatus::from_u8(r.u8()?)?;
     let fds = r.u8()?;
     let n_refs = r.u16()? as usize;
-    let reserved = r.u16()?;
-    if flags != 0 || reserved != 0 {
+    let n_blobs = r.u16()? as usize;
+    if flags != 0 {
         return Err(DecodeError::Invalid {
             what: "reply flags",
         });
     }
     let request = r.u64()?;
     let refs = decode_refs(&mut r, n_refs)?;
-    let payload = frame.slice(r.pos..);
+    let (payload, blobs) = decode_blobs(frame, &mut r, n_blobs)?;
     Ok(Reply {
         request,
         status,
         fds,
         refs,
         payload,
+        blobs,
     })
+}
+
+/// Reads the blob table (`n` lengths) at `r` and splits the rest of the
+/// frame into the payload and, at its end, the blobs, without copying.
+fn decode_blobs(
+    frame: &Bytes,
+    r: &mut Reader<'_>,
+    n: usize,
+) -> Result<(Bytes, Vec<Bytes>), DecodeError> {
+    if n == 0 {
+        return Ok((frame.slice(r.pos..), Vec::new()));
+    }
+    // Every length is read before anything is allocated for them: a count
+    // the frame cannot hold fails here.
+    let table = r.take(n * BLOB_LEN_SIZE)?;
+    let mut total = 0usize;
+    for len in table.chunks_exact(BLOB_LEN_SIZE) {
+        let len = u64::from_be_bytes(len.try_into().expect("8 bytes"));
+        total = usize::try_from(len)
+            .ok()
+            .and_then(|len| total.checked_add(len))
+            .filter(|&t| t <= frame.len() - r.pos)
+            .ok_or(DecodeError::Invalid {
+                what: "blob lengths (longer than the frame)",
+            })?;
+    }
+    let mut at = frame.len() - total;
+    let payload = frame.slice(r.pos..at);
+    let blobs = table
+        .chunks_exact(BLOB_LEN_SIZE)
+        .map(|len| {
+            let len = u64::from_be_bytes(len.try_into().expect("8 bytes")) as usize;
+            at += len;
+            frame.slice(at - len..at)
+        })
+        .collect();
+    Ok((payload, blobs))
+}
+
+/// Writes the blob table of a call or reply: each blob's length. The blobs
+/// themselves follow the payload, in order, at the frame's end.
+fn encode_blob_table(out: &mut BytesMut, blobs: &[Bytes]) {
+    for b in blobs {
+        out.extend_from_slice(&(b.len() as u64).to_be_bytes());
+    }
 }
 
 /// The request id to put in a call frame built ahead of
@@ -744,19 +806,21 @@ pub fn encode_call(
     payload: &[u8],
 ) {
     out.reserve(CALL_HEADER_LEN + type_name.len() + refs.len() * 48 + payload.len());
-    encode_call_head(out, header, type_name, refs);
+    encode_call_head(out, header, type_name, refs, &[]);
     out.put_slice(payload);
 }
 
 /// Writes everything of a call or cast envelope but its payload, which
 /// follows at once: [`encode_call`] without the payload, for a caller that
 /// has the payload in place already. Without references the head is
-/// `CALL_HEADER_LEN + type_name.len()` bytes.
+/// `CALL_HEADER_LEN + type_name.len()` bytes, and each blob adds
+/// [`BLOB_LEN_SIZE`]; the caller appends the blobs after the payload.
 pub fn encode_call_head(
     out: &mut BytesMut,
     header: &CallHeader,
     type_name: &str,
     refs: &[WireRef],
+    blobs: &[Bytes],
 ) {
     // Built on the stack and appended once: `BytesMut`'s `put_u8` and
     // friends each call `memcpy`, which costs more than the whole header.
@@ -769,6 +833,7 @@ pub fn encode_call_head(
     h[2] = type_name.len() as u8;
     h[3] = header.fds;
     h[4..6].copy_from_slice(&(refs.len() as u16).to_be_bytes());
+    h[6..8].copy_from_slice(&(blobs.len() as u16).to_be_bytes());
     h[8..16].copy_from_slice(&header.request.to_be_bytes());
     h[16..24].copy_from_slice(&header.incarnation.0.to_be_bytes());
     h[24..28].copy_from_slice(&header.target.index.to_be_bytes());
@@ -779,6 +844,7 @@ pub fn encode_call_head(
     for r in refs {
         r.encode(out);
     }
+    encode_blob_table(out, blobs);
 }
 
 /// Writes a reply envelope.
@@ -791,30 +857,33 @@ pub fn encode_reply(
     payload: &[u8],
 ) {
     out.reserve(REPLY_HEADER_LEN + refs.len() * 48 + payload.len());
-    encode_reply_head(out, request, status, fds, refs);
+    encode_reply_head(out, request, status, fds, refs, &[]);
     out.put_slice(payload);
 }
 
 /// Writes everything of a reply envelope but its payload: see
 /// [`encode_call_head`]. Without references the head is
-/// `REPLY_HEADER_LEN` bytes.
+/// `REPLY_HEADER_LEN` bytes, and each blob adds [`BLOB_LEN_SIZE`].
 pub fn encode_reply_head(
     out: &mut BytesMut,
     request: u64,
     status: ReplyStatus,
     fds: u8,
     refs: &[WireRef],
+    blobs: &[Bytes],
 ) {
     let mut h = [0u8; REPLY_HEADER_LEN];
     h[0] = kind::REPLY;
     h[2] = status as u8;
     h[3] = fds;
     h[4..6].copy_from_slice(&(refs.len() as u16).to_be_bytes());
+    h[6..8].copy_from_slice(&(blobs.len() as u16).to_be_bytes());
     h[8..16].copy_from_slice(&request.to_be_bytes());
     out.extend_from_slice(&h);
     for r in refs {
         r.encode(out);
     }
+    encode_blob_table(out, blobs);
 }
 
 /// Writes a release envelope.
@@ -848,9 +917,19 @@ pub fn encode_control(out: &mut BytesMut, env: &Envelope) {
             put_short_str(out, text, MAX_REASON_LEN);
         }
         Envelope::Call(c) | Envelope::Cast(c) => {
-            encode_call(out, &c.header, c.type_name(), &c.refs, &c.payload)
+            encode_call_head(out, &c.header, c.type_name(), &c.refs, &c.blobs);
+            out.put_slice(&c.payload);
+            for b in &c.blobs {
+                out.put_slice(b);
+            }
         }
-        Envelope::Reply(r) => encode_reply(out, r.request, r.status, r.fds, &r.refs, &r.payload),
+        Envelope::Reply(r) => {
+            encode_reply_head(out, r.request, r.status, r.fds, &r.refs, &r.blobs);
+            out.put_slice(&r.payload);
+            for b in &r.blobs {
+                out.put_slice(b);
+            }
+        }
         Envelope::Release(v) => encode_release(out, v),
         Envelope::Heartbeat { ack } => {
             out.put_u8(kind::HEARTBEAT);
@@ -948,9 +1027,16 @@ mod tests {
                 },
             ],
             payload: Bytes::from_static(b"\x82\x01\x02"),
+            blobs: vec![],
         };
         let mut cast = call.clone();
         cast.header.request = 0;
+        let mut with_blobs = call.clone();
+        with_blobs.blobs = vec![
+            Bytes::from_static(b"first blob"),
+            Bytes::new(),
+            Bytes::from_static(b"third"),
+        ];
         vec![
             Envelope::Hello(hello.clone()),
             Envelope::Challenge(hello),
@@ -959,12 +1045,22 @@ mod tests {
             Envelope::Refusal(RefusalCode::Version, "no common version".into()),
             Envelope::Call(call),
             Envelope::Cast(cast),
+            Envelope::Call(with_blobs),
             Envelope::Reply(Reply {
                 request: 5,
                 status: ReplyStatus::Failed,
                 fds: 0,
                 refs: vec![],
                 payload: Bytes::from_static(b"\xa0"),
+                blobs: vec![],
+            }),
+            Envelope::Reply(Reply {
+                request: 6,
+                status: ReplyStatus::Ok,
+                fds: 0,
+                refs: vec![],
+                payload: Bytes::from_static(b"\x00"),
+                blobs: vec![Bytes::from_static(b"reply blob")],
             }),
             Envelope::Release(vec![ReleaseEntry {
                 incarnation: Incarnation(9),
@@ -1008,14 +1104,71 @@ mod tests {
     }
 
     #[test]
+    fn blob_lengths_beyond_the_frame_are_refused() {
+        let header = CallHeader {
+            request: 0,
+            incarnation: Incarnation(1),
+            target: LocalId::ROOT,
+            fds: 0,
+        };
+        let blob = Bytes::from_static(b"0123456789");
+        let mut out = BytesMut::new();
+        encode_call_head(&mut out, &header, "x.y", &[], std::slice::from_ref(&blob));
+        out.put_slice(b"\x01");
+        out.put_slice(&blob);
+        let good = out.clone().freeze();
+        let Envelope::Cast(c) = Envelope::decode(&good).unwrap() else {
+            panic!("a cast")
+        };
+        assert_eq!(c.payload.as_ref(), b"\x01");
+        assert_eq!(c.blobs, vec![blob.clone()]);
+        // Blobs are found from the frame's end: one byte less shifts the
+        // blob into the payload's place (a MAC catches that, as it catches
+        // a cut payload); two bytes less and the lengths overrun the frame.
+        let short = good.slice(..good.len() - 1);
+        let Envelope::Cast(c) = Envelope::decode(&short).unwrap() else {
+            panic!("a cast")
+        };
+        assert!(c.payload.is_empty() && c.blobs[0].len() == 10, "{c:?}");
+        let shorter = good.slice(..good.len() - 2);
+        assert!(Envelope::decode(&shorter).is_err());
+        // A length that overflows when summed.
+        let mut huge = BytesMut::new();
+        encode_call_head(
+            &mut huge,
+            &header,
+            "x.y",
+            &[],
+            &[Bytes::from_static(b"a"), Bytes::from_static(b"b")],
+        );
+        let table = huge.len() - 2 * BLOB_LEN_SIZE;
+        huge[table..table + 8].copy_from_slice(&u64::MAX.to_be_bytes());
+        huge.put_slice(b"ab");
+        let e = Envelope::decode(&huge.freeze()).unwrap_err();
+        assert!(e.to_string().contains("blob lengths"), "{e}");
+        // A count whose table the frame cannot hold.
+        let mut many = BytesMut::new();
+        encode_call_head(&mut many, &header, "x.y", &[], &[]);
+        many[6..8].copy_from_slice(&u16::MAX.to_be_bytes());
+        assert!(Envelope::decode(&many.freeze()).is_err());
+    }
+
+    #[test]
     fn every_truncation_is_an_error() {
         for env in samples() {
             let bytes = encode(&env);
             // Calls and replies end in a payload of any length, so only cuts
             // inside their headers are errors.
             let fixed = match &env {
-                Envelope::Call(c) | Envelope::Cast(c) => bytes.len() - c.payload.len(),
-                Envelope::Reply(r) => bytes.len() - r.payload.len(),
+                // (Blobs are found from the frame's end, so a cut there
+                // shifts them into the payload: the MAC, when on, is what
+                // catches that, as for a cut payload.)
+                Envelope::Call(c) | Envelope::Cast(c) => {
+                    bytes.len() - c.payload.len() - c.blobs.iter().map(Bytes::len).sum::<usize>()
+                }
+                Envelope::Reply(r) => {
+                    bytes.len() - r.payload.len() - r.blobs.iter().map(Bytes::len).sum::<usize>()
+                }
                 _ => bytes.len(),
             };
             for cut in 0..fixed {

@@ -127,7 +127,52 @@ impl Handler<WhoAmI> for Counter {
     }
 }
 
+/// Blobs that travel beside the payload, inside a structure; the reply
+/// echoes them (so replies carry blobs too) with their total length.
+#[derive(Message, Serialize, Deserialize)]
+#[rtype(result = "Echoed")]
+pub struct EchoBlobs {
+    /// A blob at the top.
+    pub first: courier::Blob,
+    /// Blobs inside a vector, some absent.
+    pub rest: Vec<Option<courier::Blob>>,
+    /// An ordinary field beside them.
+    pub note: String,
+}
+
+/// The reply to [`EchoBlobs`].
+#[derive(Serialize, Deserialize, Debug, PartialEq)]
+pub struct Echoed {
+    /// Bytes in all the blobs received.
+    pub total: usize,
+    /// The first byte of each blob received, in order (`None` for an
+    /// empty or absent one).
+    pub heads: Vec<Option<u8>>,
+    /// The blobs, sent back.
+    pub first: courier::Blob,
+    /// The rest, sent back.
+    pub rest: Vec<Option<courier::Blob>>,
+}
+
+impl Handler<EchoBlobs> for Counter {
+    type Result = MessageResult<EchoBlobs>;
+    fn handle(&mut self, m: EchoBlobs, _: &mut Context<Self>) -> Self::Result {
+        let total = m.first.len() + m.rest.iter().flatten().map(|b| b.len()).sum::<usize>();
+        let heads = std::iter::once(Some(&m.first))
+            .chain(m.rest.iter().map(Option::as_ref))
+            .map(|b| b.and_then(|b| b.first().copied()))
+            .collect();
+        MessageResult(Echoed {
+            total,
+            heads,
+            first: m.first,
+            rest: m.rest,
+        })
+    }
+}
+
 courier::remote_message!(
+    EchoBlobs = "test.counter.echo_blobs",
     Add = "test.counter.add",
     Get = "test.counter.get",
     Bump = "test.counter.bump",
@@ -199,6 +244,7 @@ pub fn export_counter(node: &Node, name: &str) -> RemoteAddr<Counter> {
         .handles::<Crash>()
         .handles::<Slow>()
         .handles::<Blob>()
+        .handles::<EchoBlobs>()
         .handles::<WhoAmI>()
         .failure_details(true)
         .backtraces(true)

@@ -32,6 +32,44 @@ async fn request_reply_and_one_way(counter: RemoteAddr<Counter>) {
     assert_eq!(last, 190);
     let e = counter.send(NotHandled).await.unwrap_err();
     assert!(matches!(e, RemoteError::UnknownMessage { .. }), "{e}");
+    blobs_both_ways(&counter).await;
+}
+
+/// Blobs of many sizes (empty, around the small-frame limits, 3 MiB), in
+/// a structure, out and back: every byte arrives, in its place.
+async fn blobs_both_ways(counter: &RemoteAddr<Counter>) {
+    let pattern = |len: usize, seed: u8| -> courier::Blob {
+        courier::Blob::from(
+            (0..len)
+                .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+                .collect::<Vec<u8>>(),
+        )
+    };
+    let first = pattern(3 << 20, 1);
+    let rest = vec![
+        Some(pattern(0, 2)),
+        None,
+        Some(pattern(1, 3)),
+        Some(pattern(4095, 4)),
+        Some(pattern(65_537, 5)),
+    ];
+    let total = first.len() + rest.iter().flatten().map(|b| b.len()).sum::<usize>();
+    let back = counter
+        .send(EchoBlobs {
+            first: first.clone(),
+            rest: rest.clone(),
+            note: "blobs".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(back.total, total);
+    let heads: Vec<Option<u8>> = std::iter::once(Some(&first))
+        .chain(rest.iter().map(Option::as_ref))
+        .map(|b| b.and_then(|b| b.first().copied()))
+        .collect();
+    assert_eq!(back.heads, heads, "the blobs arrived out of place");
+    assert!(back.first == first, "the 3 MiB blob came back changed");
+    assert_eq!(back.rest, rest);
 }
 
 async fn over_address(listen: &str, transport: Option<Arc<dyn courier::Transport>>) {

@@ -47,9 +47,15 @@ pub struct Cast(pub Msg);
 #[rtype(result = "u64")]
 pub struct Count;
 
+/// Bulk data as Courier carries it best: a blob beside the payload.
 #[derive(Message, Serialize, Deserialize)]
 #[rtype(result = "u64")]
-pub struct Big(pub bytes::Bytes);
+pub struct Big(pub courier::Blob);
+
+/// The same bytes inside the CBOR payload (a `Bytes` field), for comparison.
+#[derive(Message, Serialize, Deserialize)]
+#[rtype(result = "u64")]
+pub struct BigInline(pub bytes::Bytes);
 
 #[derive(Message, Serialize, Deserialize)]
 #[rtype(result = "()")]
@@ -68,6 +74,7 @@ courier::remote_message!(
     Cast = "bench.cast",
     Count = "bench.count",
     Big = "bench.big",
+    BigInline = "bench.big_inline",
     TakeRef = "bench.take_ref",
     KeepRefs = "bench.keep_refs",
     TakeFd = "bench.take_fd",
@@ -101,6 +108,13 @@ impl Handler<Big> for Sink {
     }
 }
 
+impl Handler<BigInline> for Sink {
+    type Result = u64;
+    fn handle(&mut self, m: BigInline, _: &mut Context<Self>) -> u64 {
+        m.0.len() as u64
+    }
+}
+
 impl Handler<TakeRef> for Sink {
     type Result = ();
     fn handle(&mut self, _: TakeRef, _: &mut Context<Self>) {}
@@ -125,6 +139,7 @@ pub fn export(node: &courier::Node, name: &str) -> RemoteAddr<Sink> {
         .handles::<Cast>()
         .handles::<Count>()
         .handles::<Big>()
+        .handles::<BigInline>()
         .handles::<TakeRef>()
         .handles::<KeepRefs>()
         .handles::<TakeFd>()

@@ -134,7 +134,9 @@ pub async fn oneway(kind: Kind, dir: &Path, n: usize) -> Rate {
     Rate::new(n as f64, elapsed, "msg/s")
 }
 
-pub async fn big(kind: Kind, dir: &Path, n: usize) -> Rate {
+/// 1 MiB calls: as a [`courier::Blob`] (`inline` false), or as a `Bytes`
+/// field inside the CBOR payload.
+pub async fn big(kind: Kind, dir: &Path, n: usize, inline: bool) -> Rate {
     let (server, client, sink) = setup(kind, dir).await;
     // One payload, shared by every message (`Bytes` clones are reference
     // counts), as the raw baseline writes one buffer: the measure is the
@@ -142,7 +144,13 @@ pub async fn big(kind: Kind, dir: &Path, n: usize) -> Rate {
     let payload = bytes::Bytes::from(vec![0x33u8; 1 << 20]);
     let t = Instant::now();
     for _ in 0..n {
-        let len = sink.send(Big(payload.clone())).await.unwrap();
+        let len = if inline {
+            sink.send(BigInline(payload.clone())).await.unwrap()
+        } else {
+            sink.send(Big(courier::Blob::new(payload.clone())))
+                .await
+                .unwrap()
+        };
         assert_eq!(len, 1 << 20);
     }
     let elapsed = t.elapsed();

@@ -365,8 +365,12 @@ async fn run(args: &Args) -> Vec<Sample> {
                     out.push(r.sample(t, "1mib", "raw"));
                 }
                 if run_impl("courier") {
-                    let r = courier_side::big(kind, &dir, b.big_iters).await;
+                    let r = courier_side::big(kind, &dir, b.big_iters, false).await;
                     out.push(r.sample(t, "1mib", "courier"));
+                }
+                if run_impl("courier+bytes") {
+                    let r = courier_side::big(kind, &dir, b.big_iters, true).await;
+                    out.push(r.sample(t, "1mib", "courier+bytes"));
                 }
             }
             if want("64callers") {

@@ -183,7 +183,23 @@ impl Table {
                 }
             }
         }
-        // Also: one-way vs raw bytes, reported without a target.
+        // Also, reported without a target: 1 MiB as a `Bytes` field inside
+        // the CBOR payload rather than a blob, and one-way vs raw bytes.
+        for t in &transports {
+            if let (Some(c), Some(b)) = (
+                self.get(t, "1mib", "courier+bytes", "rate"),
+                self.get(t, "1mib", "raw", "rate"),
+            ) {
+                out.push((
+                    t.clone(),
+                    "1 MiB in CBOR (Bytes field) vs raw (reported)".into(),
+                    c / b,
+                    0.0,
+                    true,
+                    "  ",
+                ));
+            }
+        }
         for t in &transports {
             if let (Some(c), Some(b)) = (
                 self.get(t, "oneway", "courier", "rate"),
@@ -206,11 +222,11 @@ impl Table {
         let mut s = String::new();
         let _ = writeln!(
             s,
-            "\n{:<7} {:<10} {:<9} {:<17} {:>14} unit",
+            "\n{:<7} {:<10} {:<13} {:<17} {:>14} unit",
             "where", "metric", "impl", "stat", "median"
         );
         for ((t, m, i, st), (v, u)) in &self.medians {
-            let _ = writeln!(s, "{t:<7} {m:<10} {i:<9} {st:<17} {v:>14.2} {u}");
+            let _ = writeln!(s, "{t:<7} {m:<10} {i:<13} {st:<17} {v:>14.2} {u}");
         }
         let _ = writeln!(s, "\nratios (courier / baseline, medians):");
         for (t, what, r, bound, ok, op) in self.ratios() {
