@@ -60,9 +60,6 @@ pub const MAX_FDS_PER_FRAME: usize = 64;
 /// larger ones are written from their own buffer with vectored I/O.
 pub const COALESCE_MAX: usize = 8 * 1024;
 
-/// Room the coalescing buffer takes at a time (see `Outbox::push`).
-const TAIL_BLOCK: usize = 16 * 1024;
-
 /// Most buffers handed to one vectored write.
 const MAX_IOVECS: usize = 64;
 
@@ -672,12 +669,6 @@ impl Outbox {
                 });
             }
         } else if payload.len() <= COALESCE_MAX {
-            let n = head.len() + payload.len();
-            if self.tail.capacity() - self.tail.len() < n {
-                // One block for many small frames: growing by what each
-                // frame needs reallocated (and copied) every few frames.
-                self.tail.reserve(n.max(TAIL_BLOCK));
-            }
             self.tail.extend_from_slice(head);
             self.tail.extend_from_slice(&payload);
         } else {
