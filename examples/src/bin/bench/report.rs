@@ -183,36 +183,29 @@ impl Table {
                 }
             }
         }
-        // Also, reported without a target: 1 MiB as a `Bytes` field inside
-        // the CBOR payload rather than a blob, and one-way vs raw bytes.
-        for t in &transports {
-            if let (Some(c), Some(b)) = (
-                self.get(t, "1mib", "courier+bytes", "rate"),
-                self.get(t, "1mib", "raw", "rate"),
-            ) {
-                out.push((
-                    t.clone(),
-                    "1 MiB in CBOR (Bytes field) vs raw (reported)".into(),
-                    c / b,
-                    0.0,
-                    true,
-                    "  ",
-                ));
-            }
-        }
-        for t in &transports {
-            if let (Some(c), Some(b)) = (
-                self.get(t, "oneway", "courier", "rate"),
-                self.get(t, "oneway", "raw", "rate"),
-            ) {
-                out.push((
-                    t.clone(),
-                    "one-way rate vs raw bytes (reported)".into(),
-                    c / b,
-                    0.0,
-                    true,
-                    "  ",
-                ));
+        // Also, reported without a target: (metric, impl, baseline, what).
+        const REPORTED: &[(&str, &str, &str, &str)] = &[
+            (
+                "1mib",
+                "courier+bytes",
+                "raw",
+                "1 MiB in CBOR (Bytes field) vs raw (reported)",
+            ),
+            (
+                "oneway",
+                "courier",
+                "raw",
+                "one-way rate vs raw bytes (reported)",
+            ),
+        ];
+        for (metric, imp, base, what) in REPORTED {
+            for t in &transports {
+                if let (Some(c), Some(b)) = (
+                    self.get(t, metric, imp, "rate"),
+                    self.get(t, metric, base, "rate"),
+                ) {
+                    out.push((t.clone(), (*what).into(), c / b, 0.0, true, "  "));
+                }
             }
         }
         out
