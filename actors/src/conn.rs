@@ -660,8 +660,11 @@ impl Driver {
         let Frame { payload, fds } = frame;
         Metrics::add(&self.node.metrics.bytes_in, payload.len() as u64);
         let t = self.round_now();
-        self.session.handle_frame(t, payload);
+        let first = self.session.receive(t, payload);
         let mut fds = Some(fds);
+        if let Some(ev) = first {
+            self.on_event(ev, &mut fds);
+        }
         while let Some(ev) = self.session.poll_event() {
             self.on_event(ev, &mut fds);
         }

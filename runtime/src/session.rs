@@ -401,15 +401,37 @@ impl Session {
         }
     }
 
-    /// One frame body arrived from the link.
+    /// One frame body arrived from the link; what it brings is queued for
+    /// [`Self::poll_event`].
     pub fn handle_frame(&mut self, now: Instant, frame: Bytes) {
+        if let Some(ev) = self.receive(now, frame) {
+            self.events.push_back(ev);
+        }
+    }
+
+    /// [`Self::handle_frame`], handing back the frame's event at once when
+    /// no earlier event waits (the usual case: a call, cast or reply on an
+    /// open session), which spares queueing it; anything else the frame
+    /// causes is queued as by `handle_frame`.
+    pub fn receive(&mut self, now: Instant, frame: Bytes) -> Option<Event> {
         self.stats.frames_in += 1;
         // The common case, handled in place: moving the state out and back
         // costs a copy of the whole enum per frame.
         if let State::Open(o) = &mut self.state {
             let result = o.receive(now, frame, self.config.max_frame);
-            return self.after_receive(now, result);
+            return match result {
+                Ok(Some(ev)) if self.events.is_empty() => Some(ev),
+                other => {
+                    self.after_receive(now, other);
+                    None
+                }
+            };
         }
+        self.handle_frame_slow(now, frame);
+        None
+    }
+
+    fn handle_frame_slow(&mut self, now: Instant, frame: Bytes) {
         let state = std::mem::replace(&mut self.state, State::Closed);
         if !matches!(state, State::Open(_) | State::Closed) && frame.len() > HANDSHAKE_MAX_FRAME {
             self.state = state;
