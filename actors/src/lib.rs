@@ -98,7 +98,9 @@ pub use node::{
 };
 pub use refctx::{Blob, Fd};
 pub use remote::{Call, RemoteAddr, RemoteRecipient, Request};
-pub use spawn::{worker_link_from_env, Worker, WORKER_ENV};
+#[cfg(feature = "transports")]
+pub use spawn::worker_link_from_env;
+pub use spawn::{Worker, WORKER_ENV};
 
 #[cfg(feature = "transports")]
 pub use courier_transports as transports;

@@ -1,11 +1,16 @@
 //! Worker processes: a child node joined to its parent by an inherited
 //! socketpair (`fd://N`), like multiprocessing's Process and Pipe.
 
-use std::process::{Child, Command};
+use std::process::Child;
+#[cfg(feature = "transports")]
+use std::process::Command;
 
 use actix::Actor;
+#[cfg(feature = "transports")]
 use courier_runtime::error::RemoteError;
+#[cfg(feature = "transports")]
 use courier_runtime::session::Role;
+#[cfg(feature = "transports")]
 use courier_runtime::transport::{Address, Link};
 
 use crate::node::Node;
