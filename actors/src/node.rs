@@ -459,6 +459,7 @@ impl NodeShared {
             node: Arc::downgrade(self),
             conn: Mutex::new(conn),
             dead: Mutex::new(None),
+            is_dead: std::sync::atomic::AtomicBool::new(false),
         });
         st.inners.insert(a, (Arc::downgrade(&i), st.next_instance));
         i
@@ -780,13 +781,18 @@ impl NodeShared {
 
     /// Handles a call or cast that arrived on `h`; returns what is left
     /// for the driver to do.
+    /// Counts calls and one-way messages delivered (a driver adds its own
+    /// once per poll).
+    pub(crate) fn count_calls_in(&self, n: u64) {
+        self.calls_in.fetch_add(n, Ordering::Relaxed);
+    }
+
     pub(crate) fn dispatch_inbound(
         self: &Arc<Self>,
         h: &ConnHandle,
         call: Call,
         fds: Vec<OwnedFd>,
     ) -> Dispatch {
-        self.calls_in.fetch_add(1, Ordering::Relaxed);
         let request = call.header.request;
         let actor = ActorId {
             node: self.id,

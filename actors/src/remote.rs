@@ -4,6 +4,7 @@ use std::fmt;
 use std::future::Future;
 use std::marker::PhantomData;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -32,6 +33,8 @@ pub(crate) struct Imported {
     pub node: Weak<NodeShared>,
     pub conn: Mutex<Option<ConnHandle>>,
     pub dead: Mutex<Option<DeadReason>>,
+    /// Set once `dead` is: every send checks this, not the lock.
+    pub is_dead: AtomicBool,
 }
 
 impl Imported {
@@ -44,10 +47,14 @@ impl Imported {
             node: Weak::new(),
             conn: Mutex::new(None),
             dead: Mutex::new(Some(reason)),
+            is_dead: AtomicBool::new(true),
         })
     }
 
     pub fn dead_reason(&self) -> Option<DeadReason> {
+        if !self.is_dead.load(Ordering::Acquire) {
+            return None;
+        }
         *self.dead.lock().expect("not poisoned")
     }
 
@@ -55,6 +62,7 @@ impl Imported {
         let mut d = self.dead.lock().expect("not poisoned");
         if d.is_none() {
             *d = Some(reason);
+            self.is_dead.store(true, Ordering::Release);
         }
     }
 
