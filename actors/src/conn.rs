@@ -25,6 +25,7 @@ use courier_runtime::session::{CloseReason, Event, Role, Session};
 use courier_runtime::transport::{Frame, Link, LinkCaps, TransportError};
 use courier_runtime::wire::{ReleaseEntry, ReplyStatus, WireRef, TAG_LEN};
 use tokio::sync::{mpsc, oneshot};
+use tokio::task::coop::has_budget_remaining;
 use tracing::{debug, field, info, warn, Span};
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
@@ -290,6 +291,39 @@ pub(crate) struct Driver {
     /// Counted here, added to the node's metrics once per poll: an atomic
     /// add per frame costs more than the rest of the counting.
     counts: Counts,
+    /// Whether the command queues and the timer hold our waker (see
+    /// [`Waiting`]).
+    rx_waiting: Waiting,
+    ctl_waiting: Waiting,
+    timer_waiting: Waiting,
+}
+
+/// Whether a source the driver polled holds its task's waker: it answered
+/// `Pending` with coop budget left (without budget, tokio answers
+/// `Pending` without registering). Such a source wakes the task when it
+/// has something, so until it shows it has (a queue not empty, a deadline
+/// passed) polling it again would only register the same waker again,
+/// which costs more than the check. Anything that takes from a queue
+/// outside `poll` resets it to `No`.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Waiting {
+    No,
+    Yes,
+}
+
+impl Waiting {
+    fn after_pending(had_budget: bool) -> Self {
+        if had_budget {
+            Waiting::Yes
+        } else {
+            Waiting::No
+        }
+    }
+
+    /// Whether to poll the source; `idle` is whether it shows nothing new.
+    fn needs_poll(self, idle: bool) -> bool {
+        self == Waiting::No || !idle
+    }
 }
 
 /// Counters a driver gathers between two polls (see `Driver::flush_counts`).
@@ -424,6 +458,8 @@ impl Driver {
     fn drain_queued(&mut self) -> bool {
         let mut n = 0;
         while let Ok(c) = self.ctl_rx.try_recv() {
+            // The item may have used up the waker the queue held.
+            self.ctl_waiting = Waiting::No;
             self.on_command(c);
             n += 1;
             if n == BATCH {
@@ -431,6 +467,7 @@ impl Driver {
             }
         }
         while let Ok(c) = self.rx.try_recv() {
+            self.rx_waiting = Waiting::No;
             self.on_command(c);
             n += 1;
             if n == BATCH {
@@ -508,6 +545,9 @@ impl Driver {
             finished: false,
             flush_scheduled: false,
             counts: Counts::default(),
+            rx_waiting: Waiting::No,
+            ctl_waiting: Waiting::No,
+            timer_waiting: Waiting::No,
         })
     }
 
@@ -888,6 +928,7 @@ impl Driver {
     fn drain_rx_after_close(&mut self) {
         // Calls queued after the close fail at once.
         while let Ok(cmd) = self.rx.try_recv() {
+            self.rx_waiting = Waiting::No;
             if let Command::Call { reply, .. } | Command::CallFrame { reply, .. } = cmd {
                 let err = match &self.handle {
                     Some(h) => h.lost(),
@@ -1047,7 +1088,10 @@ impl Future for Driver {
 
             // Control commands in (never held back: they are small and
             // must not be lost).
-            if this.session.is_established() && !this.session.is_closed() {
+            if this.session.is_established()
+                && !this.session.is_closed()
+                && this.ctl_waiting.needs_poll(this.ctl_rx.is_empty())
+            {
                 let mut n = 0;
                 loop {
                     if n == BATCH {
@@ -1055,9 +1099,16 @@ impl Future for Driver {
                         break;
                     }
                     n += 1;
+                    let budget = has_budget_remaining();
                     match this.ctl_rx.poll_recv(cx) {
-                        Poll::Ready(Some(cmd)) => this.on_command(cmd),
-                        Poll::Ready(None) | Poll::Pending => break,
+                        Poll::Ready(Some(cmd)) => {
+                            this.ctl_waiting = Waiting::No;
+                            this.on_command(cmd)
+                        }
+                        Poll::Ready(None) | Poll::Pending => {
+                            this.ctl_waiting = Waiting::after_pending(budget);
+                            break;
+                        }
                     }
                 }
             }
@@ -1067,15 +1118,22 @@ impl Future for Driver {
             if this.accepting_commands() {
                 commands_held = false;
                 let mut n = 0;
-                loop {
+                while this.rx_waiting.needs_poll(this.rx.is_empty()) {
                     if n == BATCH {
                         again = true;
                         break;
                     }
                     n += 1;
+                    let budget = has_budget_remaining();
                     match this.rx.poll_recv(cx) {
-                        Poll::Ready(Some(cmd)) => this.on_command(cmd),
-                        Poll::Ready(None) | Poll::Pending => break,
+                        Poll::Ready(Some(cmd)) => {
+                            this.rx_waiting = Waiting::No;
+                            this.on_command(cmd)
+                        }
+                        Poll::Ready(None) | Poll::Pending => {
+                            this.rx_waiting = Waiting::after_pending(budget);
+                            break;
+                        }
                     }
                     if !this.accepting_commands() {
                         commands_held = true;
@@ -1112,14 +1170,24 @@ impl Future for Driver {
                 if this.timer_at.is_none_or(|armed| armed > at) {
                     this.timer_at = Some(at);
                     this.timer.as_mut().reset(at.into());
+                    this.timer_waiting = Waiting::No;
                 }
-                if this.timer.as_mut().poll(cx).is_ready() {
-                    this.timer_at = None;
-                    this.session.handle_timeout(now());
-                    while let Some(ev) = this.session.poll_event() {
-                        this.on_event(ev, &mut None);
+                // Polled again only once its deadline passed: until then
+                // the timer holds our waker from the last poll.
+                let due = this.timer_at.is_some_and(|t| this.round_now() >= t);
+                let budget = has_budget_remaining();
+                if this.timer_waiting.needs_poll(!due) {
+                    if this.timer.as_mut().poll(cx).is_ready() {
+                        this.timer_waiting = Waiting::No;
+                        this.timer_at = None;
+                        this.session.handle_timeout(now());
+                        while let Some(ev) = this.session.poll_event() {
+                            this.on_event(ev, &mut None);
+                        }
+                        again = true;
+                    } else {
+                        this.timer_waiting = Waiting::after_pending(budget);
                     }
-                    again = true;
                 }
             }
 
@@ -1143,6 +1211,7 @@ impl Future for Driver {
                 if let Some(at) = grace_end.filter(|&at| this.timer_at.is_none_or(|t| t > at)) {
                     this.timer_at = Some(at);
                     this.timer.as_mut().reset(at.into());
+                    this.timer_waiting = Waiting::No;
                     let _ = this.timer.as_mut().poll(cx);
                 }
             }
