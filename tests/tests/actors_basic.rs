@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use actix::prelude::*;
-use courier::{ActorDown, DeadReason, Limits, Node, NodeDown, RemoteError};
+use courier::{ActorDown, DeadReason, Limits, Node, NodeDown, RemoteAddr, RemoteError};
 use courier_tests::*;
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -63,12 +63,7 @@ fn unknown_name_unknown_message_and_timeout() {
             matches!(&e, RemoteError::UnknownMessage { message_type, .. } if message_type == "test.counter.not_handled"),
             "{e}"
         );
-        let e = counter
-            .send(Slow(2_000))
-            .timeout(Duration::from_millis(100))
-            .await
-            .unwrap_err();
-        assert!(matches!(e, RemoteError::Timeout { .. }), "{e}");
+        a_slow_call_times_out(&counter).await;
         // The connection is still good.
         assert_eq!(counter.send(Add(1)).await.unwrap(), Ok(1));
     });
@@ -130,6 +125,16 @@ fn short_cookie_is_a_clear_error() {
     });
 }
 
+/// A call that outlasts its timeout fails with `Timeout`.
+async fn a_slow_call_times_out(counter: &RemoteAddr<Counter>) {
+    let e = counter
+        .send(Slow(2_000))
+        .timeout(Duration::from_millis(100))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, RemoteError::Timeout { .. }), "{e}");
+}
+
 #[test]
 fn local_references_skip_the_wire() {
     run(async {
@@ -140,12 +145,7 @@ fn local_references_skip_the_wire() {
         // The same errors as through a connection: a timeout, and a panic
         // reported as a remote failure, after which the restarted actor
         // answers under the same reference.
-        let e = counter
-            .send(Slow(2_000))
-            .timeout(Duration::from_millis(100))
-            .await
-            .unwrap_err();
-        assert!(matches!(e, RemoteError::Timeout { .. }), "{e}");
+        a_slow_call_times_out(&counter).await;
         let e = counter.send(Crash).await.unwrap_err();
         let RemoteError::Remote(f) = &e else {
             panic!("{e}")
