@@ -1208,7 +1208,12 @@ impl Future for Driver {
                     return Poll::Ready(());
                 }
                 let grace_end = this.closing_since.map(|t| t + CLOSE_GRACE);
-                if let Some(at) = grace_end.filter(|&at| this.timer_at.is_none_or(|t| t > at)) {
+                // Armed for the grace's end unless the timer will wake us
+                // sooner; a deadline already past (a heartbeat's, which the
+                // closed session no longer polls) wakes no one again.
+                let now = this.round_now();
+                let armed_sooner = |at| this.timer_at.is_some_and(|t| t <= at && t > now);
+                if let Some(at) = grace_end.filter(|&at| !armed_sooner(at)) {
                     this.timer_at = Some(at);
                     this.timer.as_mut().reset(at.into());
                     this.timer_waiting = Waiting::No;

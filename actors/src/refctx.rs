@@ -186,6 +186,7 @@ pub(crate) fn into_frame(
             // for it: move the payload (small, when blobs carry the bulk).
             buf.splice(..room, head.iter().copied());
         }
+        buf.reserve(blobs_len + courier_runtime::wire::TAG_LEN);
         for b in blobs {
             buf.extend_from_slice(b);
         }
@@ -334,10 +335,11 @@ impl<'de> Deserialize<'de> for Fd {
 /// large buffers. A message may hold several, anywhere in its structure.
 ///
 /// Outside Courier (serialized to JSON, say), and to a peer that does not
-/// take blobs, a `Blob` is an ordinary byte string. A received `Blob`
-/// shares the buffer of the frame it came in: keep a copy
-/// (`Blob::from(blob.to_vec())`) rather than the blob if you keep a small
-/// part of a large message for long.
+/// take blobs, a `Blob` is an ordinary byte string. A received blob of 16
+/// KiB or more shares the buffer its frame was read into (smaller ones are
+/// copied): keeping it keeps that buffer, which may be larger than the
+/// blob; keep a copy (`Blob::from(blob.to_vec())`) of a part you keep for
+/// long.
 #[derive(Clone, Default, PartialEq, Eq, Hash)]
 pub struct Blob(Bytes);
 
@@ -402,12 +404,17 @@ impl Serialize for Blob {
         let index = OUT.with(|c| {
             let mut c = c.borrow_mut();
             let blobs = c.as_mut()?.blobs.as_mut()?;
+            // Checked before adding: the count must fit its 16-bit field
+            // even if a caller's `Serialize` swallowed this error.
+            if blobs.len() >= courier_runtime::wire::MAX_BLOBS {
+                return Some(None);
+            }
             blobs.push(self.0.clone());
-            Some((blobs.len() - 1) as u64)
+            Some(Some((blobs.len() - 1) as u64))
         });
         match index {
-            Some(i) if i < courier_runtime::wire::MAX_BLOBS as u64 => s.serialize_u64(i),
-            Some(_) => Err(S::Error::custom(format!(
+            Some(Some(i)) => s.serialize_u64(i),
+            Some(None) => Err(S::Error::custom(format!(
                 "a message holds more than {} blobs",
                 courier_runtime::wire::MAX_BLOBS
             ))),
@@ -418,11 +425,22 @@ impl Serialize for Blob {
 
 impl<'de> Deserialize<'de> for Blob {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_any(BlobVisitor)
+        // Inside a message Courier decodes, the value is an index or (from
+        // a peer without blobs) a byte string; elsewhere a byte string, so
+        // formats that are not self-describing work too.
+        if IN.with(|c| c.borrow().is_some()) {
+            d.deserialize_any(BlobVisitor)
+        } else {
+            d.deserialize_byte_buf(BlobVisitor)
+        }
     }
 }
 
 struct BlobVisitor;
+
+/// Received blobs from this size on are slices of the frame; smaller ones
+/// are copied (see `BlobVisitor::visit_u64`).
+const BLOB_SHARE_MIN: usize = 16 * 1024;
 
 impl<'de> serde::de::Visitor<'de> for BlobVisitor {
     type Value = Blob;
@@ -436,7 +454,16 @@ impl<'de> serde::de::Visitor<'de> for BlobVisitor {
             Some(ctx) => usize::try_from(index)
                 .ok()
                 .and_then(|i| ctx.blobs.get(i))
-                .map(|b| Blob(b.clone()))
+                .map(|b| {
+                    // A received blob shares the buffer the frame was read
+                    // into, which may hold other frames too: a small one
+                    // is copied, so keeping it keeps no more than itself.
+                    if b.len() <= BLOB_SHARE_MIN {
+                        Blob(Bytes::copy_from_slice(b))
+                    } else {
+                        Blob(b.clone())
+                    }
+                })
                 .ok_or_else(|| {
                     E::custom(format!(
                         "blob index {index} is out of range ({} blobs came with the message)",
@@ -490,10 +517,10 @@ mod tests {
         // The 10,000 bytes are in the CBOR, as a byte string.
         assert!(bytes.len() > 10_000);
         assert_eq!(codec::decode::<Doc>(&bytes).unwrap(), doc());
-        // An index needs the blobs of a received message.
+        // Outside Courier only a byte string is a blob.
         let index = codec::encode(&0u64).unwrap();
         let e = codec::decode::<Blob>(&index).unwrap_err();
-        assert!(e.to_string().contains("only be decoded by Courier"), "{e}");
+        assert!(e.to_string().contains("expected byte buffer"), "{e}");
     }
 
     #[test]

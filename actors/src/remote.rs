@@ -466,7 +466,9 @@ pin_project! {
     /// A request on its way: await it for the reply. Made by
     /// [`RemoteAddr::send`] (whose calls to a local actor allocate nothing
     /// of ours) and [`RemoteRecipient::send`] (boxed, as the actor's type
-    /// is erased there).
+    /// is erased there). The one `RemoteAddr::send` makes is not `Unpin`
+    /// (it holds actix's request in place): to poll it by reference, in
+    /// `tokio::select!` say, pin it first (`tokio::pin!` or `Box::pin`).
     #[must_use = "a request does nothing unless awaited"]
     pub struct Request<R, F = BoxFuture<R>> {
         #[pin]

@@ -30,7 +30,7 @@ use crate::id::{validate_type_name, ActorId, Incarnation, LocalId, RequestIdSet}
 use crate::liveness::{Liveness, LivenessAction, LivenessConfig};
 use crate::wire::{
     encode_call, encode_control, encode_release, encode_reply, features, Call, CallHeader,
-    Envelope, ReleaseEntry, Reply, ReplyStatus, WireRef, CALL_HEADER_LEN, NONCE_LEN,
+    DecodeError, Envelope, ReleaseEntry, Reply, ReplyStatus, WireRef, CALL_HEADER_LEN, NONCE_LEN,
     REPLY_HEADER_LEN, TAG_LEN,
 };
 
@@ -910,6 +910,17 @@ impl Open {
         self.recv_seq += 1;
         self.liveness.on_recv(now);
         let env = Envelope::decode(&frame).map_err(ProtocolError::Malformed)?;
+        let blobs = match &env {
+            Envelope::Call(c) | Envelope::Cast(c) => !c.blobs.is_empty(),
+            Envelope::Reply(r) => !r.blobs.is_empty(),
+            _ => false,
+        };
+        if blobs && self.peer.features & features::BLOBS == 0 {
+            return Err(ProtocolError::Malformed(DecodeError::Invalid {
+                what: "blobs (the handshake did not agree to them)",
+            })
+            .into());
+        }
         Ok(Some(match env {
             e if e.is_handshake() => return Err(ProtocolError::LateHandshake.into()),
             Envelope::Call(c) => Event::Call(c),

@@ -114,9 +114,22 @@ fn calls_to_a_peer_that_reads_nothing_get_backpressure_or_a_typed_error() {
             )
             .await;
             honest_calls(&client, &srv_addr, 5).await.unwrap();
-            drop(peer);
             srv.shutdown().await;
+            assert!(
+                eventually(SLACK, || client.stats().connections == 1).await,
+                "{scheme}"
+            );
+
+            // Closing while the peer still reads nothing: the frames the
+            // peer will never take are given up after the grace period
+            // (2 s) and the link is closed, not kept forever.
+            let fds = open_fds();
             client.shutdown().await;
+            assert!(
+                eventually(Duration::from_secs(2) + SLACK, || open_fds() < fds).await,
+                "{scheme}: the connection to a peer that reads nothing was never closed"
+            );
+            drop(peer);
         }
     });
 }

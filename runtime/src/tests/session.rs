@@ -341,3 +341,55 @@ fn an_injected_frame_is_detected() {
     p.b.handle_frame(p.now, forged.freeze());
     assert!(p.b.is_closed());
 }
+
+/// A cast frame with one blob beside its payload, as a peer would send it.
+fn cast_with_a_blob(p: &Pair) -> Bytes {
+    let target = actor_on_b(p);
+    let header = crate::wire::CallHeader {
+        request: 0,
+        incarnation: target.incarnation,
+        target: target.local,
+        fds: 0,
+    };
+    let blob = Bytes::from_static(b"bulk bytes");
+    let mut out = BytesMut::new();
+    crate::wire::encode_call_head(&mut out, &header, "x.y", &[], std::slice::from_ref(&blob));
+    out.extend_from_slice(b"\x00");
+    out.extend_from_slice(&blob);
+    out.freeze()
+}
+
+#[test]
+fn blobs_are_taken_only_when_the_handshake_agreed_to_them() {
+    // Neither side offered blobs.
+    let mut p = Pair::connected("a shared cookie!!");
+    let frame = cast_with_a_blob(&p);
+    p.b.handle_frame(p.now, frame);
+    let ev: Vec<_> = std::iter::from_fn(|| p.b.poll_event()).collect();
+    assert!(
+        matches!(
+            ev.last(),
+            Some(Event::Closed {
+                reason: CloseReason::Protocol(ProtocolError::Malformed(_)),
+                ..
+            })
+        ),
+        "{ev:?}"
+    );
+
+    // Both did.
+    let mut ca = config(1, key("a shared cookie!!"));
+    let mut cb = config(2, key("a shared cookie!!"));
+    ca.handshake.features = features::BLOBS;
+    cb.handshake.features = features::BLOBS;
+    let mut p = Pair::new(ca, cb);
+    p.drive();
+    p.events_b.clear();
+    let frame = cast_with_a_blob(&p);
+    p.b.handle_frame(p.now, frame);
+    let Some(Event::Cast(c)) = p.b.poll_event() else {
+        panic!("a cast")
+    };
+    assert_eq!(c.blobs, vec![Bytes::from_static(b"bulk bytes")]);
+    assert_eq!(&c.payload[..], b"\x00");
+}
