@@ -412,6 +412,7 @@ impl Driver {
         let _entered = span.enter();
         self.clock = None;
         let drained = self.drain_queued();
+        let is_call = matches!(cmd, Command::CallFrame { .. });
         let result = if drained {
             self.on_command(cmd);
             Ok(())
@@ -423,7 +424,23 @@ impl Driver {
             self.on_event(ev, &mut None);
         }
         let mut wake = !drained;
-        if !self.flush_scheduled {
+        // The only call in flight, alone in the queue: nobody will add to
+        // this write, so it goes out now rather than after a poll of the
+        // driver's task (a task switch per round trip). Calls made while
+        // others are in flight, and one-way messages, still gather for one
+        // write per poll.
+        let mut written = false;
+        if drained && is_call && self.pending.len() == 1 && self.outq.len() == 1 {
+            let mut cx = Context::from_waker(&waker);
+            // With the task's waker: a socket that takes only part wakes
+            // the task when it has room, and an error is the task's to
+            // handle on its next poll.
+            match self.poll_write(&mut cx) {
+                Ok(_) => written = self.outq.is_empty(),
+                Err(_) => wake = true,
+            }
+        }
+        if !written && !self.flush_scheduled {
             self.flush_scheduled = true;
             wake = true;
         }
