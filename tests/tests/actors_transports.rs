@@ -70,6 +70,18 @@ async fn blobs_both_ways(counter: &RemoteAddr<Counter>) {
     assert_eq!(back.heads, heads, "the blobs arrived out of place");
     assert!(back.first == first, "the 3 MiB blob came back changed");
     assert_eq!(back.rest, rest);
+    // A blob past the frame limit (16 MiB by default) is refused before
+    // anything is written, and the connection goes on.
+    let e = counter
+        .send(EchoBlobs {
+            first: courier::Blob::from(vec![0u8; (16 << 20) + 1]),
+            rest: vec![],
+            note: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert!(matches!(e, RemoteError::TooLarge { .. }), "{e}");
+    assert!(counter.send(Get).await.is_ok());
 }
 
 async fn over_address(listen: &str, transport: Option<Arc<dyn courier::Transport>>) {
