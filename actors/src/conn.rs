@@ -711,10 +711,29 @@ impl Driver {
             }
             Command::ReplyFrame { frame, fds, hold } => {
                 self.pump_session();
-                if let Err(e) = self.session.send_reply_frame(t, frame) {
-                    debug!(error = %e, "reply not sent");
-                } else {
-                    self.attach_fds(fds);
+                // The request id, from the reply header (after kind, flags,
+                // status, fds and the two counts).
+                let request = frame
+                    .get(8..16)
+                    .map(|b| u64::from_be_bytes(b.try_into().expect("8 bytes")));
+                match self.session.send_reply_frame(t, frame) {
+                    Ok(()) => self.attach_fds(fds),
+                    Err(e) => {
+                        // Too large, say: tell the caller rather than leave
+                        // it waiting.
+                        debug!(error = %e, "reply not sent");
+                        if let Some(request) = request {
+                            let text = e.to_string();
+                            let _ = self.session.send_reply(
+                                t,
+                                request,
+                                ReplyStatus::TooLarge,
+                                &[],
+                                &courier_runtime::codec::encode(&text).unwrap_or_default(),
+                                0,
+                            );
+                        }
+                    }
                 }
                 drop(hold);
             }

@@ -171,7 +171,20 @@ impl Handler<EchoBlobs> for Counter {
     }
 }
 
+/// Asks for a blob of this many bytes back.
+#[derive(Message, Serialize, Deserialize)]
+#[rtype(result = "courier::Blob")]
+pub struct MakeBlob(pub usize);
+
+impl Handler<MakeBlob> for Counter {
+    type Result = MessageResult<MakeBlob>;
+    fn handle(&mut self, m: MakeBlob, _: &mut Context<Self>) -> Self::Result {
+        MessageResult(courier::Blob::from(vec![1u8; m.0]))
+    }
+}
+
 courier::remote_message!(
+    MakeBlob = "test.counter.make_blob",
     EchoBlobs = "test.counter.echo_blobs",
     Add = "test.counter.add",
     Get = "test.counter.get",
@@ -245,6 +258,7 @@ pub fn export_counter(node: &Node, name: &str) -> RemoteAddr<Counter> {
         .handles::<Slow>()
         .handles::<Blob>()
         .handles::<EchoBlobs>()
+        .handles::<MakeBlob>()
         .handles::<WhoAmI>()
         .failure_details(true)
         .backtraces(true)

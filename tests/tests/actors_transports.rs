@@ -81,6 +81,15 @@ async fn blobs_both_ways(counter: &RemoteAddr<Counter>) {
         .await
         .unwrap_err();
     assert!(matches!(e, RemoteError::TooLarge { .. }), "{e}");
+    // A reply past it is refused on the remote node, and the caller is
+    // told so instead of waiting for ever.
+    assert_eq!(counter.send(MakeBlob(100)).await.unwrap().len(), 100);
+    let e = counter
+        .send(MakeBlob((16 << 20) + 1))
+        .timeout(Duration::from_secs(30))
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("too large"), "{e}");
     assert!(counter.send(Get).await.is_ok());
 }
 
