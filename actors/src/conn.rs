@@ -312,6 +312,26 @@ enum Waiting {
 }
 
 impl Waiting {
+    /// Polls a queue through `poll`, noting whether it kept the waker.
+    fn poll<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        poll: impl FnOnce(&mut Context<'_>) -> Poll<Option<T>>,
+    ) -> Option<T> {
+        let budget = has_budget_remaining();
+        match poll(cx) {
+            Poll::Ready(Some(item)) => {
+                *self = Waiting::No;
+                Some(item)
+            }
+            // A closed queue has nothing more to give either.
+            Poll::Ready(None) | Poll::Pending => {
+                *self = Waiting::after_pending(budget);
+                None
+            }
+        }
+    }
+
     fn after_pending(had_budget: bool) -> Self {
         if had_budget {
             Waiting::Yes
@@ -473,25 +493,20 @@ impl Driver {
     /// Takes the commands already queued, control ones first as in `poll`.
     /// False when a batch's worth was taken and more may be waiting.
     fn drain_queued(&mut self) -> bool {
-        let mut n = 0;
-        while let Ok(c) = self.ctl_rx.try_recv() {
-            // The item may have used up the waker the queue held.
-            self.ctl_waiting = Waiting::No;
+        for _ in 0..BATCH {
+            // A command taken may have used up the waker its queue held.
+            let c = if let Ok(c) = self.ctl_rx.try_recv() {
+                self.ctl_waiting = Waiting::No;
+                c
+            } else if let Ok(c) = self.rx.try_recv() {
+                self.rx_waiting = Waiting::No;
+                c
+            } else {
+                return true;
+            };
             self.on_command(c);
-            n += 1;
-            if n == BATCH {
-                return false;
-            }
         }
-        while let Ok(c) = self.rx.try_recv() {
-            self.rx_waiting = Waiting::No;
-            self.on_command(c);
-            n += 1;
-            if n == BATCH {
-                return false;
-            }
-        }
-        true
+        false
     }
 
     /// Wraps a fresh link. `established` hears the handshake's outcome.
@@ -668,18 +683,7 @@ impl Driver {
                         .send_reply(t, request, status, &refs, &payload, fds.len() as u8);
                 match sent {
                     Ok(()) => self.attach_fds(fds),
-                    Err(e) => {
-                        // Too large, say: tell the caller rather than leave it waiting.
-                        let text = e.to_string();
-                        let _ = self.session.send_reply(
-                            t,
-                            request,
-                            ReplyStatus::TooLarge,
-                            &[],
-                            &courier_runtime::codec::encode(&text).unwrap_or_default(),
-                            0,
-                        );
-                    }
+                    Err(e) => self.reply_not_sent(t, request, &e),
                 }
             }
             Command::CallFrame {
@@ -711,27 +715,12 @@ impl Driver {
             }
             Command::ReplyFrame { frame, fds, hold } => {
                 self.pump_session();
-                // The request id, from the reply header (after kind, flags,
-                // status, fds and the two counts).
-                let request = frame
-                    .get(8..16)
-                    .map(|b| u64::from_be_bytes(b.try_into().expect("8 bytes")));
+                let request = courier_runtime::wire::reply_request(&frame);
                 match self.session.send_reply_frame(t, frame) {
                     Ok(()) => self.attach_fds(fds),
                     Err(e) => {
-                        // Too large, say: tell the caller rather than leave
-                        // it waiting.
-                        debug!(error = %e, "reply not sent");
                         if let Some(request) = request {
-                            let text = e.to_string();
-                            let _ = self.session.send_reply(
-                                t,
-                                request,
-                                ReplyStatus::TooLarge,
-                                &[],
-                                &courier_runtime::codec::encode(&text).unwrap_or_default(),
-                                0,
-                            );
+                            self.reply_not_sent(t, request, &e);
                         }
                     }
                 }
@@ -754,6 +743,16 @@ impl Driver {
             Command::InboundDone => {}
             Command::Close(why) => self.session.close(t, &why),
         }
+    }
+
+    /// A reply the session refused (too large, say): the caller is told
+    /// so rather than left waiting.
+    fn reply_not_sent(&mut self, t: Instant, request: u64, e: &RemoteError) {
+        debug!(error = %e, request, "reply not sent");
+        let text = courier_runtime::codec::encode(&e.to_string()).unwrap_or_default();
+        let _ = self
+            .session
+            .send_reply(t, request, ReplyStatus::TooLarge, &[], &text, 0);
     }
 
     fn attach_fds(&mut self, fds: Vec<OwnedFd>) {
@@ -1135,16 +1134,9 @@ impl Future for Driver {
                         break;
                     }
                     n += 1;
-                    let budget = has_budget_remaining();
-                    match this.ctl_rx.poll_recv(cx) {
-                        Poll::Ready(Some(cmd)) => {
-                            this.ctl_waiting = Waiting::No;
-                            this.on_command(cmd)
-                        }
-                        Poll::Ready(None) | Poll::Pending => {
-                            this.ctl_waiting = Waiting::after_pending(budget);
-                            break;
-                        }
+                    match this.ctl_waiting.poll(cx, |cx| this.ctl_rx.poll_recv(cx)) {
+                        Some(cmd) => this.on_command(cmd),
+                        None => break,
                     }
                 }
             }
@@ -1160,16 +1152,9 @@ impl Future for Driver {
                         break;
                     }
                     n += 1;
-                    let budget = has_budget_remaining();
-                    match this.rx.poll_recv(cx) {
-                        Poll::Ready(Some(cmd)) => {
-                            this.rx_waiting = Waiting::No;
-                            this.on_command(cmd)
-                        }
-                        Poll::Ready(None) | Poll::Pending => {
-                            this.rx_waiting = Waiting::after_pending(budget);
-                            break;
-                        }
+                    match this.rx_waiting.poll(cx, |cx| this.rx.poll_recv(cx)) {
+                        Some(cmd) => this.on_command(cmd),
+                        None => break,
                     }
                     if !this.accepting_commands() {
                         commands_held = true;

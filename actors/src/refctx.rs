@@ -181,7 +181,9 @@ pub(crate) fn into_frame(
     if payload_len + blobs_len >= HANDOVER_MIN {
         let mut head = bytes::BytesMut::with_capacity(head_max);
         write_head(&mut head);
-        if head.len() != room {
+        if head.len() == room {
+            buf[..room].copy_from_slice(&head);
+        } else {
             // References or blobs made the head longer than the room left
             // for it: move the payload (small, when blobs carry the bulk).
             buf.splice(..room, head.iter().copied());
@@ -190,7 +192,7 @@ pub(crate) fn into_frame(
         for b in blobs {
             buf.extend_from_slice(b);
         }
-        hand_over(buf, &head)
+        hand_over(buf)
     } else {
         let mut frame = frame_buf(head_max + payload_len + blobs_len + tag_room);
         write_head(&mut frame);
@@ -202,12 +204,10 @@ pub(crate) fn into_frame(
     }
 }
 
-/// Makes the scratch buffer `buf` (room for `head`, then a large payload)
-/// the frame itself: `head` is written into the room and the buffer is
-/// taken, with space for a MAC tag, leaving an empty one of the same
-/// capacity behind. Saves copying a large payload once more.
-fn hand_over(buf: &mut Vec<u8>, head: &[u8]) -> bytes::BytesMut {
-    buf[..head.len()].copy_from_slice(head);
+/// Makes the scratch buffer `buf` (a large frame, built in place) the
+/// frame itself, with space for a MAC tag, leaving an empty one of the
+/// same capacity behind. Saves copying a large payload once more.
+fn hand_over(buf: &mut Vec<u8>) -> bytes::BytesMut {
     buf.reserve(courier_runtime::wire::TAG_LEN);
     let keep = buf.capacity().min(SCRATCH_KEEP);
     // Unique, so the conversion back to a mutable buffer copies nothing.

@@ -886,6 +886,13 @@ pub fn encode_reply_head(
     encode_blob_table(out, blobs);
 }
 
+/// The request id of a reply frame (see [`encode_reply_head`]), if `frame`
+/// is long enough to hold one.
+pub fn reply_request(frame: &[u8]) -> Option<u64> {
+    let id = frame.get(8..16)?;
+    Some(u64::from_be_bytes(id.try_into().ok()?))
+}
+
 /// Writes a release envelope.
 pub fn encode_release(out: &mut BytesMut, entries: &[ReleaseEntry]) {
     out.put_u8(kind::RELEASE);
