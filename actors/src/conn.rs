@@ -493,18 +493,21 @@ impl Driver {
     /// Takes the commands already queued, control ones first as in `poll`.
     /// False when a batch's worth was taken and more may be waiting.
     fn drain_queued(&mut self) -> bool {
-        for _ in 0..BATCH {
-            // A command taken may have used up the waker its queue held.
-            let c = if let Ok(c) = self.ctl_rx.try_recv() {
-                self.ctl_waiting = Waiting::No;
-                c
-            } else if let Ok(c) = self.rx.try_recv() {
-                self.rx_waiting = Waiting::No;
-                c
-            } else {
+        // A command taken may have used up the waker its queue held.
+        let mut n = 0;
+        while n < BATCH {
+            let Ok(c) = self.ctl_rx.try_recv() else { break };
+            self.ctl_waiting = Waiting::No;
+            self.on_command(c);
+            n += 1;
+        }
+        while n < BATCH {
+            let Ok(c) = self.rx.try_recv() else {
                 return true;
             };
+            self.rx_waiting = Waiting::No;
             self.on_command(c);
+            n += 1;
         }
         false
     }
