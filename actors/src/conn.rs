@@ -177,12 +177,12 @@ impl ConnHandle {
     // The command comes back as it went in, to be queued; boxing it would
     // cost an allocation on exactly the path this exists to make cheap.
     #[allow(clippy::result_large_err)]
-    pub fn send_inline(&self, cmd: Command) -> Result<(), Command> {
+    pub fn send_inline(&self, cmd: Command) -> Result<(), NotInline> {
         let Some(cell) = self.0.driver.upgrade() else {
-            return Err(cmd);
+            return Err(NotInline::Queue(cmd));
         };
         let Ok(mut d) = cell.driver.try_lock() else {
-            return Err(cmd);
+            return Err(NotInline::Queue(cmd));
         };
         d.send_inline(cmd)
     }
@@ -196,6 +196,24 @@ impl ConnHandle {
             mpsc::error::TrySendError::Full(_) => RemoteError::MailboxFull { actor },
             mpsc::error::TrySendError::Closed(_) => self.lost(),
         })
+    }
+}
+
+/// Why [`ConnHandle::send_inline`] gave a command back.
+pub(crate) enum NotInline {
+    /// The driver is busy, on another thread, or not open: queue it.
+    Queue(Command),
+    /// As many frames wait as the queues hold, behind a socket that takes
+    /// no more: a one-way sender is told `MailboxFull`; a caller waits
+    /// for room in the command queue.
+    Full(Command),
+}
+
+impl NotInline {
+    pub fn into_command(self) -> Command {
+        match self {
+            Self::Queue(c) | Self::Full(c) => c,
+        }
     }
 }
 
@@ -230,8 +248,17 @@ impl Eviction {
 
 /// Frames waiting in front of the link before commands stop being taken.
 const OUTQ_MAX: usize = 256;
+/// Bytes of frames waiting in front of the link before commands stop
+/// being taken (one frame may go past it).
+const OUTQ_BYTES_MAX: usize = 1 << 20;
+/// What an inline send may leave waiting (see `send_inline`): this many
+/// bytes, and as many frames as the frame queue and command queue hold.
+const INLINE_BYTES_MAX: usize = 2 * OUTQ_BYTES_MAX;
 /// Commands taken per pass, frames read per pass: fairness between sources.
 const BATCH: usize = 64;
+/// Batches of queued commands an inline send takes (writing a full frame
+/// queue between them) before it joins the command queue instead.
+const INLINE_ROUNDS: usize = 4;
 /// How long a closing connection may take to flush.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
 
@@ -257,6 +284,8 @@ pub(crate) struct Driver {
     handle: Option<ConnHandle>,
     established: Option<oneshot::Sender<Result<ConnHandle, RemoteError>>>,
     outq: VecDeque<Frame>,
+    /// Bytes of the frames in `outq`.
+    outq_bytes: usize,
     pending: RequestIdMap<Pending>,
     timer: Pin<Box<tokio::time::Sleep>>,
     timer_at: Option<Instant>,
@@ -288,6 +317,12 @@ pub(crate) struct Driver {
     finished: bool,
     /// The task was woken to write what inline sends queued.
     flush_scheduled: bool,
+    /// The link's last flush found the socket full: it wakes the task
+    /// when there is room, and inline sends do not write until then.
+    write_blocked: bool,
+    /// Frames an inline send may leave queued: [`OUTQ_MAX`] plus the
+    /// command queue's capacity (see `send_inline`).
+    inline_max: usize,
     /// Counted here, added to the node's metrics once per poll: an atomic
     /// add per frame costs more than the rest of the counting.
     counts: Counts,
@@ -417,33 +452,59 @@ impl Driver {
     /// queued go first, so one sender's messages keep their order; the
     /// task is woken once to write what gathered.
     #[allow(clippy::result_large_err)]
-    fn send_inline(&mut self, cmd: Command) -> Result<(), Command> {
+    fn send_inline(&mut self, cmd: Command) -> Result<(), NotInline> {
         if self.finished
             || self.link_done
             || self.task_thread != thread_token()
-            || !self.accepting_commands()
+            || !self.session.is_established()
+            || self.session.is_closed()
         {
-            return Err(cmd);
+            return Err(NotInline::Queue(cmd));
         }
         let Some(waker) = self.task_waker.take() else {
-            return Err(cmd);
+            return Err(NotInline::Queue(cmd));
         };
         let span = self.span.clone();
         let _entered = span.enter();
         self.clock = None;
-        let drained = self.drain_queued();
+        let mut cx = Context::from_waker(&waker);
+        let mut wake = false;
+        // A sender faster than the socket fills the frame queue. A full
+        // queue is a large write's worth, so it is written here. When the
+        // socket takes no more, frames wait in the frame queue, up to the
+        // command queue's size again (`inline_max`), rather than going
+        // through the command queue as well: the same bound on what
+        // waits, at less cost per message.
+        let mut drained = false;
+        let mut full = false;
+        for _ in 0..INLINE_ROUNDS {
+            // Until the socket wakes the task, trying again would only
+            // cost a failed system call per message.
+            if self.outq_full() && !self.write_blocked && self.poll_write(&mut cx).is_err() {
+                wake = true;
+                break;
+            }
+            if self.drain_queued() {
+                drained = true;
+                full = self.outq.len() >= self.inline_max || self.outq_bytes >= INLINE_BYTES_MAX;
+                break;
+            }
+        }
         let is_call = matches!(cmd, Command::CallFrame { .. });
-        let result = if drained {
+        let result = if drained && !full {
             self.on_command(cmd);
             Ok(())
+        } else if full {
+            Err(NotInline::Full(cmd))
         } else {
-            // More queued than one batch: join the queue behind it.
-            Err(cmd)
+            // More queued than a few batches, or the link failed: join
+            // the queue behind them.
+            Err(NotInline::Queue(cmd))
         };
         while let Some(ev) = self.session.poll_event() {
             self.on_event(ev, &mut None);
         }
-        let mut wake = !drained;
+        wake |= !drained;
         // The only call in flight, alone in the queue: nobody will add to
         // this write, so it goes out now rather than after a poll of the
         // driver's task (a task switch per round trip). Calls made while
@@ -451,7 +512,6 @@ impl Driver {
         // write per poll.
         let mut written = false;
         if drained && is_call && self.pending.len() == 1 && self.outq.len() == 1 {
-            let mut cx = Context::from_waker(&waker);
             // With the task's waker: a socket that takes only part wakes
             // the task when it has room, and an error is the task's to
             // handle on its next poll.
@@ -543,6 +603,7 @@ impl Driver {
         let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
         let remote = link.peer_addr();
         let max_inflight = node.limits.max_inbound_in_flight;
+        let inline_max = OUTQ_MAX + node.limits.command_queue;
         let conn_id = node.next_conn_id();
         let span = tracing::info_span!("conn", id = conn_id, scheme, remote = %remote, ?role,
                                        peer = field::Empty);
@@ -560,6 +621,7 @@ impl Driver {
             handle: None,
             established,
             outq: VecDeque::new(),
+            outq_bytes: 0,
             pending: RequestIdMap::default(),
             timer: Box::pin(tokio::time::sleep(Duration::from_secs(3600))),
             timer_at: None,
@@ -579,6 +641,8 @@ impl Driver {
             task_thread: 0,
             finished: false,
             flush_scheduled: false,
+            write_blocked: false,
+            inline_max,
             counts: Counts::default(),
             rx_waiting: Waiting::No,
             ctl_waiting: Waiting::No,
@@ -609,6 +673,7 @@ impl Driver {
 
     fn pump_session(&mut self) {
         while let Some(body) = self.session.poll_transmit() {
+            self.outq_bytes += body.len();
             self.outq.push_back(Frame::new(body));
         }
     }
@@ -916,9 +981,13 @@ impl Driver {
         match &reason {
             CloseReason::HeartbeatTimeout { .. } => {
                 self.outq.clear();
+                self.outq_bytes = 0;
                 while self.session.poll_transmit().is_some() {}
             }
-            CloseReason::Protocol(_) => self.outq.clear(),
+            CloseReason::Protocol(_) => {
+                self.outq.clear();
+                self.outq_bytes = 0;
+            }
             _ => {}
         }
         match &self.handle {
@@ -988,6 +1057,7 @@ impl Driver {
             match self.link.poll_ready(cx) {
                 Poll::Ready(Ok(())) => {
                     let f = self.outq.pop_front().expect("not empty");
+                    self.outq_bytes -= f.payload.len();
                     self.counts.bytes_out += f.payload.len() as u64;
                     self.link.start_send(f)?;
                     progress = true;
@@ -998,12 +1068,24 @@ impl Driver {
         }
         match self.link.poll_flush(cx) {
             Poll::Ready(Err(e)) => Err(e),
-            _ => Ok(progress),
+            Poll::Ready(Ok(())) => {
+                self.write_blocked = false;
+                Ok(progress)
+            }
+            Poll::Pending => {
+                self.write_blocked = true;
+                Ok(progress)
+            }
         }
     }
 
+    /// Whether the frame queue holds a full write's worth.
+    fn outq_full(&self) -> bool {
+        self.outq.len() >= OUTQ_MAX || self.outq_bytes >= OUTQ_BYTES_MAX
+    }
+
     fn accepting_commands(&self) -> bool {
-        self.session.is_established() && self.outq.len() < OUTQ_MAX && !self.session.is_closed()
+        self.session.is_established() && !self.outq_full() && !self.session.is_closed()
     }
 
     fn reading_allowed(&self) -> bool {

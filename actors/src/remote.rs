@@ -19,7 +19,7 @@ use serde::de::Error as _;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use tokio::sync::oneshot;
 
-use crate::conn::{Command, ConnHandle, ReplyIn};
+use crate::conn::{Command, ConnHandle, NotInline, ReplyIn};
 use crate::export::ExportEntry;
 use crate::message::{RemoteMessage, RemoteReply};
 use crate::node::NodeShared;
@@ -275,8 +275,8 @@ impl<A: Actor> RemoteAddr<A> {
                             hold,
                             reply: tx,
                         };
-                        if let Err(cmd) = conn.send_inline(cmd) {
-                            conn.send(cmd).await?;
+                        if let Err(back) = conn.send_inline(cmd) {
+                            conn.send(back.into_command()).await?;
                         }
                         let reply = rx.await.map_err(|_| conn.lost())??;
                         decode_reply::<M::Result>(reply, &imp, M::TYPE.as_str())
@@ -349,7 +349,8 @@ impl<A: Actor> RemoteAddr<A> {
                 };
                 match conn.send_inline(cmd) {
                     Ok(()) => Ok(()),
-                    Err(cmd) => conn.try_send(cmd, imp.id),
+                    Err(NotInline::Full(_)) => Err(RemoteError::MailboxFull { actor: imp.id }),
+                    Err(NotInline::Queue(cmd)) => conn.try_send(cmd, imp.id),
                 }
             }
         }

@@ -380,10 +380,16 @@ fn a_flood_of_one_way_messages_meets_backpressure_not_unbounded_memory() {
             .await
             .unwrap();
         let counter = client.lookup::<Counter>(&addr, "counter").await.unwrap();
+        let before = server.stats().calls_in;
+        // The sender never yields, so the server (on this thread) reads
+        // nothing meanwhile: frames go to the socket until it is full,
+        // then wait in the connection's queues, which are bounded in
+        // frames and in bytes. 5,000 messages of 16 KiB (80 MB) are far
+        // more than they and the kernel's buffers hold.
         let mut full = 0;
-        let mut sent = 0;
-        for _ in 0..2_000 {
-            match counter.do_send(Slow(2)) {
+        let mut sent = 0u64;
+        for _ in 0..5_000 {
+            match counter.do_send(Blob(vec![7; 16 * 1024])) {
                 Ok(()) => sent += 1,
                 Err(RemoteError::MailboxFull { .. }) => full += 1,
                 Err(e) => panic!("{e}"),
@@ -397,6 +403,7 @@ fn a_flood_of_one_way_messages_meets_backpressure_not_unbounded_memory() {
             .await
             .unwrap();
         assert_eq!(total, 0);
+        assert_eq!(server.stats().calls_in - before, sent + 1);
         assert_eq!(counter.send(Add(1)).await.unwrap(), Ok(1));
     });
 }
