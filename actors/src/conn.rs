@@ -553,6 +553,10 @@ impl Driver {
     /// Takes the commands already queued, control ones first as in `poll`.
     /// False when a batch's worth was taken and more may be waiting.
     fn drain_queued(&mut self) -> bool {
+        // The usual case, checked for less than two `try_recv`s cost.
+        if self.ctl_rx.is_empty() && self.rx.is_empty() {
+            return true;
+        }
         // A command taken may have used up the waker its queue held.
         let mut n = 0;
         while n < BATCH {

@@ -635,9 +635,15 @@ struct Outbox {
     chunks: VecDeque<Chunk>,
     /// Small frames being coalesced; sealed into a chunk when flushing.
     tail: BytesMut,
+    /// Size of the last block `tail` was given (see [`Outbox::make_room`]).
+    block: usize,
     /// Bytes queued and not yet written.
     queued: usize,
 }
+
+/// Smallest and largest block small frames are coalesced in.
+const TAIL_BLOCK_MIN: usize = 1024;
+const TAIL_BLOCK_MAX: usize = 64 * 1024;
 
 struct Chunk {
     data: Bytes,
@@ -669,9 +675,11 @@ impl Outbox {
                 });
             }
         } else if payload.len() <= COALESCE_MAX {
+            self.make_room(head.len() + payload.len());
             self.tail.extend_from_slice(head);
             self.tail.extend_from_slice(&payload);
         } else {
+            self.make_room(head.len());
             self.tail.extend_from_slice(head);
             self.seal();
             self.chunks.push_back(Chunk {
@@ -679,6 +687,25 @@ impl Outbox {
                 fds: Vec::new(),
             });
         }
+    }
+
+    /// Makes room for `need` more bytes in `tail`. Its block is used from
+    /// the start again once every chunk cut from it was written (the
+    /// usual case when the socket keeps up). Otherwise a new block is
+    /// taken, twice as large as the last up to [`TAIL_BLOCK_MAX`]: a quiet
+    /// connection keeps a small one, a flood soon gets large ones, and no
+    /// buffer is ever grown by copying (`BytesMut` would grow it from
+    /// the size of one frame, doubling and copying all the way).
+    fn make_room(&mut self, need: usize) {
+        if self.tail.capacity() - self.tail.len() >= need {
+            return;
+        }
+        self.seal();
+        if self.tail.try_reclaim(need) {
+            return;
+        }
+        self.block = (self.block * 2).clamp(TAIL_BLOCK_MIN, TAIL_BLOCK_MAX);
+        self.tail = BytesMut::with_capacity(need.max(self.block));
     }
 
     fn seal(&mut self) {
