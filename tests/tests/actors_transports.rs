@@ -33,6 +33,36 @@ async fn request_reply_and_one_way(counter: RemoteAddr<Counter>) {
     let e = counter.send(NotHandled).await.unwrap_err();
     assert!(matches!(e, RemoteError::UnknownMessage { .. }), "{e}");
     blobs_both_ways(&counter).await;
+    one_way_flood(&counter).await;
+}
+
+/// One-way messages as fast as the connection takes them, backing off
+/// only when told the queues are full: every one accepted arrives.
+async fn one_way_flood(counter: &RemoteAddr<Counter>) {
+    const N: u64 = 50_000;
+    let before = counter.send(Get).await.unwrap();
+    let mut sent = 0;
+    let mut full = 0u64;
+    for _ in 0..10_000_000 {
+        if sent == N {
+            break;
+        }
+        match counter.do_send(Bump) {
+            Ok(()) => sent += 1,
+            Err(RemoteError::MailboxFull { .. }) => {
+                full += 1;
+                tokio::task::yield_now().await;
+            }
+            Err(e) => panic!("one-way message {sent} refused: {e}"),
+        }
+    }
+    assert_eq!(sent, N, "{full} refusals");
+    let total = counter
+        .send(Get)
+        .timeout(Duration::from_secs(120))
+        .await
+        .unwrap();
+    assert_eq!(total, before + N);
 }
 
 /// Blobs of many sizes (empty, around the small-frame limits, 3 MiB), in

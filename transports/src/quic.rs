@@ -220,6 +220,12 @@ pub(crate) fn transport_config(cfg: &QuicConfig) -> Result<quinn::TransportConfi
     t.stream_receive_window(VarInt::from_u32(4 * 1024 * 1024));
     t.receive_window(VarInt::from_u32(16 * 1024 * 1024));
     t.send_window(16 * 1024 * 1024);
+    // Streams go out in the order they were written, not round-robin: the
+    // peer delivers small frames in order, so a batch whose bytes were
+    // held back behind later batches would hold up everything after it
+    // (see `link::MAX_HELD`). It also spares splitting many small streams
+    // across packets.
+    t.send_fairness(false);
     let idle = quinn::IdleTimeout::try_from(cfg.idle_timeout)
         .map_err(|_| TransportError::Tls("the QUIC idle timeout is too long".into()))?;
     t.max_idle_timeout(Some(idle));

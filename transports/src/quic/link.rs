@@ -14,6 +14,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use courier_runtime::transport::{BoxFut, Frame, Link, LinkCaps, TransportError};
 use quinn::{Connection, ConnectionError, Endpoint, ReadError, RecvStream, VarInt, WriteError};
+use tokio::sync::oneshot;
 
 use super::{quic_address, Shared, CHANNEL_BINDING_LABEL};
 
@@ -32,7 +33,9 @@ const KIND_BATCH: u8 = 4;
 const BATCH_MAX_BYTES: usize = crate::stream::COALESCE_MAX;
 /// Frames in one batch, at most.
 const BATCH_MAX_FRAMES: usize = 64;
-/// Small frames held back while an earlier one is still arriving, at most.
+/// Small frames held back while an earlier one is still arriving before
+/// no new stream is accepted (the streams being read may add up to
+/// `recv_concurrency` batches more; past that the peer broke the framing).
 const MAX_HELD: usize = 1024;
 static FRAME_HEAD: [u8; 1] = [KIND_FRAME];
 static END_ACK: [u8; 1] = [KIND_END_ACK];
@@ -85,6 +88,10 @@ pub(crate) struct QuicLink {
     /// change applies to frames already arriving.
     max_now: Arc<AtomicUsize>,
     ops: Vec<SendOp>,
+    /// Fires once the last op queued has opened its stream: the next op
+    /// opens its own only then, so streams are numbered in the order
+    /// their frames were sent (see [`send_stream`]).
+    last_opened: Option<oneshot::Receiver<()>>,
     in_flight: usize,
     frames_sent: u64,
     small_sent: u64,
@@ -129,6 +136,7 @@ impl QuicLink {
             peer,
             max_now,
             ops: Vec::new(),
+            last_opened: None,
             in_flight: 0,
             frames_sent: 0,
             small_sent: 0,
@@ -192,16 +200,28 @@ impl QuicLink {
         };
         head.extend_from_slice(&self.batch_first.to_be_bytes());
         let bytes = head.len() + payload.len();
+        self.push_op(head.freeze(), payload, 1, bytes);
+        self.batch_count = 0;
+    }
+
+    /// Queues a stream carrying `head` and `body`, opened after the
+    /// streams queued before it.
+    fn push_op(&mut self, head: Bytes, body: Bytes, priority: i32, bytes: usize) {
+        let (opened, next) = oneshot::channel();
+        let order = Order {
+            after: self.last_opened.replace(next),
+            opened: Some(opened),
+        };
         let fut = send_stream(
             self.conn.clone(),
-            head.freeze(),
-            payload,
-            1,
+            head,
+            body,
+            priority,
             self.peer.clone(),
+            order,
         );
         self.ops.push(SendOp { bytes, fut });
         self.in_flight += bytes;
-        self.batch_count = 0;
     }
 
     fn over_budget(&self) -> bool {
@@ -293,18 +313,7 @@ impl Link for QuicLink {
         }
         // Earlier small frames go out first.
         self.seal_batch();
-        let fut = send_stream(
-            self.conn.clone(),
-            Bytes::from_static(&FRAME_HEAD),
-            frame.payload,
-            0,
-            self.peer.clone(),
-        );
-        self.ops.push(SendOp {
-            bytes: len + 1,
-            fut,
-        });
-        self.in_flight += len + 1;
+        self.push_op(Bytes::from_static(&FRAME_HEAD), frame.payload, 0, len + 1);
         self.frames_sent += 1;
         Ok(())
     }
@@ -326,14 +335,7 @@ impl Link for QuicLink {
                 let mut end = BytesMut::with_capacity(9);
                 end.extend_from_slice(&[KIND_END]);
                 end.extend_from_slice(&self.frames_sent.to_be_bytes());
-                let fut = send_stream(
-                    self.conn.clone(),
-                    end.freeze(),
-                    Bytes::new(),
-                    1,
-                    self.peer.clone(),
-                );
-                self.ops.push(SendOp { bytes: 0, fut });
+                self.push_op(end.freeze(), Bytes::new(), 1, 0);
                 self.send = SendState::Closing;
             }
             SendState::Closing => {}
@@ -368,6 +370,7 @@ impl Link for QuicLink {
                                 Bytes::new(),
                                 1,
                                 self.peer.clone(),
+                                Order::default(),
                             ));
                         }
                         AckState::Sending(fut) => match fut.as_mut().poll(cx) {
@@ -382,7 +385,16 @@ impl Link for QuicLink {
             }
 
             let mut progress = false;
-            while self.conn_error.is_none() && self.reads.len() < self.shared.cfg.recv_concurrency {
+            // While many frames wait for an earlier one, no new stream is
+            // taken: the earlier one is among those being read (streams
+            // are opened in order), and reading only those bounds what is
+            // held. The peer sends the earlier stream's bytes before the
+            // later ones' (`send_fairness` is off), so flow control never
+            // stops it behind data we are not reading.
+            while self.conn_error.is_none()
+                && self.reads.len() < self.shared.cfg.recv_concurrency
+                && self.held.len() < MAX_HELD
+            {
                 let conn = &self.conn;
                 let fut = self.accept.get_or_insert_with(|| {
                     let c = conn.clone();
@@ -474,9 +486,11 @@ impl QuicLink {
     /// Delivers small frames in the order they were sent, holding back
     /// those that overtook an earlier one.
     fn take_small(&mut self, seq: u64, body: Bytes) -> Result<(), TransportError> {
+        let cap = MAX_HELD + self.shared.cfg.recv_concurrency * BATCH_MAX_FRAMES;
         take_in_order(
             &mut self.next_small,
             &mut self.held,
+            cap,
             seq,
             body,
             &mut self.done,
@@ -560,6 +574,7 @@ impl Linger {
                 Bytes::new(),
                 1,
                 peer.clone(),
+                Order::default(),
             );
             tokio::spawn(async move {
                 let _ = f.await;
@@ -613,11 +628,12 @@ impl Linger {
 }
 
 /// Puts small frame `seq` in `out` if it is the next one (then any held
-/// ones that follow it), else holds it back; duplicates and too many held
-/// frames are the peer's framing errors.
+/// ones that follow it), else holds it back; duplicates and more than
+/// `cap` held frames are the peer's framing errors.
 fn take_in_order(
     next: &mut u64,
     held: &mut std::collections::BTreeMap<u64, Bytes>,
+    cap: usize,
     seq: u64,
     body: Bytes,
     out: &mut VecDeque<Frame>,
@@ -628,9 +644,9 @@ fn take_in_order(
         )));
     }
     if seq > *next {
-        if held.len() >= MAX_HELD {
+        if held.len() >= cap {
             return Err(TransportError::Framing(format!(
-                "more than {MAX_HELD} frames arrived ahead of frame {next}"
+                "more than {cap} frames arrived ahead of frame {next}"
             )));
         }
         held.insert(seq, body);
@@ -645,20 +661,43 @@ fn take_in_order(
     Ok(())
 }
 
+/// Where a stream's opening falls among a link's streams.
+#[derive(Default)]
+struct Order {
+    /// Fires when the stream queued before this one is open.
+    after: Option<oneshot::Receiver<()>>,
+    /// Fired once this one is open.
+    opened: Option<oneshot::Sender<()>>,
+}
+
 /// Opens a stream, writes `head` and `body` on it and finishes it. A
 /// control stream (END, END-ACK) to a peer that has already closed the
 /// connection cleanly has nothing left to say: that counts as sent.
+///
+/// Streams are opened in `order`: the peer accepts streams in the order
+/// of their ids and reads a few at a time, so a batch opened after later
+/// ones would leave it holding every frame that overtook it.
 fn send_stream(
     conn: Connection,
     head: Bytes,
     body: Bytes,
     priority: i32,
     peer: String,
+    order: Order,
 ) -> BoxFut<'static, Result<(), TransportError>> {
     let control = head.first() != Some(&KIND_FRAME);
     Box::pin(async move {
         let res = async {
-            let mut s = conn.open_uni().await.map_err(WriteError::ConnectionLost)?;
+            if let Some(after) = order.after {
+                // An error means the stream before failed, which fails
+                // the link: nothing to wait for.
+                let _ = after.await;
+            }
+            let opened = conn.open_uni().await;
+            if let Some(tx) = order.opened {
+                let _ = tx.send(());
+            }
+            let mut s = opened.map_err(WriteError::ConnectionLost)?;
             if priority != 0 {
                 let _ = s.set_priority(priority);
             }
@@ -902,6 +941,7 @@ mod tests {
                 take_in_order(
                     &mut next,
                     &mut held,
+                    MAX_HELD,
                     *seq,
                     Bytes::from(seq.to_be_bytes().to_vec()),
                     &mut out,
@@ -917,18 +957,91 @@ mod tests {
         }
     }
 
+    /// A batch whose bytes come after those of many later batches (as a
+    /// sender scheduling streams round-robin can make happen): the
+    /// receiver stops taking new streams while it holds many frames,
+    /// rather than failing, and delivers everything in order once the
+    /// late batch is in.
+    #[tokio::test]
+    async fn frames_behind_a_late_batch_wait_instead_of_failing_the_link() {
+        use crate::quic::{Identity, PeerTrust, QuicConfig, QuicTransport};
+        use crate::util::LinkExt;
+        const BATCHES: u64 = 40;
+        const PER: u64 = BATCH_MAX_FRAMES as u64;
+        let id = Identity::generate("courier-test").unwrap();
+        let cfg = QuicConfig::new(id.clone(), PeerTrust::pinned([id.fingerprint()]));
+        let t = QuicTransport::new(cfg).unwrap();
+        let server =
+            Endpoint::server(t.shared.server.clone(), "127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = server.local_addr().unwrap();
+        let mut client = Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        client.set_default_client_config(t.shared.client.clone());
+        let connecting = client.connect(addr, "courier-test").unwrap();
+        let (sc, cc) = tokio::join!(
+            async { server.accept().await.unwrap().await.unwrap() },
+            async { connecting.await.unwrap() }
+        );
+        let mut link = QuicLink::new(sc, None, t.shared.clone());
+        let frame = |seq: u64| seq.to_be_bytes();
+        let body = |b: u64| {
+            let frames: Vec<[u8; 8]> = (b * PER..(b + 1) * PER).map(frame).collect();
+            let refs: Vec<&[u8]> = frames.iter().map(|f| &f[..]).collect();
+            batch(b * PER, &refs)
+        };
+        let sender = async {
+            // Batch 0's stream is opened first, so it has the lowest id,
+            // but only its first byte goes out before all the others.
+            let mut late = cc.open_uni().await.unwrap();
+            let b0 = body(0);
+            late.write_all(&b0[..1]).await.unwrap();
+            for b in 1..BATCHES {
+                let mut s = cc.open_uni().await.unwrap();
+                s.write_all(&body(b)).await.unwrap();
+                s.finish().unwrap();
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            late.write_all(&b0[1..]).await.unwrap();
+            late.finish().unwrap();
+            // Kept open until the receiver is done.
+            std::future::pending::<()>().await;
+        };
+        let receiver = async {
+            for seq in 0..BATCHES * PER {
+                let f = tokio::time::timeout(Duration::from_secs(60), link.recv())
+                    .await
+                    .expect("frames arrive")
+                    .expect("the link stays open")
+                    .unwrap_or_else(|e| panic!("frame {seq}: {e}"));
+                assert_eq!(f.payload[..], frame(seq), "frame {seq} out of order");
+                assert!(link.held.len() <= MAX_HELD + 8 * BATCH_MAX_FRAMES);
+            }
+        };
+        tokio::select! {
+            () = receiver => {}
+            () = sender => unreachable!(),
+        }
+    }
+
     #[test]
     fn duplicates_and_floods_are_framing_errors() {
         let (mut next, mut held, mut out) = (0, BTreeMap::new(), VecDeque::new());
-        take_in_order(&mut next, &mut held, 0, Bytes::new(), &mut out).unwrap();
-        assert!(take_in_order(&mut next, &mut held, 0, Bytes::new(), &mut out).is_err());
-        take_in_order(&mut next, &mut held, 5, Bytes::new(), &mut out).unwrap();
-        assert!(take_in_order(&mut next, &mut held, 5, Bytes::new(), &mut out).is_err());
+        take_in_order(&mut next, &mut held, MAX_HELD, 0, Bytes::new(), &mut out).unwrap();
+        assert!(take_in_order(&mut next, &mut held, MAX_HELD, 0, Bytes::new(), &mut out).is_err());
+        take_in_order(&mut next, &mut held, MAX_HELD, 5, Bytes::new(), &mut out).unwrap();
+        assert!(take_in_order(&mut next, &mut held, MAX_HELD, 5, Bytes::new(), &mut out).is_err());
         let (mut next, mut held, mut out) = (0, BTreeMap::new(), VecDeque::new());
         for seq in 1..=MAX_HELD as u64 {
-            take_in_order(&mut next, &mut held, seq, Bytes::new(), &mut out).unwrap();
+            take_in_order(&mut next, &mut held, MAX_HELD, seq, Bytes::new(), &mut out).unwrap();
         }
-        assert!(take_in_order(&mut next, &mut held, 10_000, Bytes::new(), &mut out).is_err());
+        assert!(take_in_order(
+            &mut next,
+            &mut held,
+            MAX_HELD,
+            10_000,
+            Bytes::new(),
+            &mut out
+        )
+        .is_err());
         assert!(out.is_empty());
     }
 }

@@ -160,6 +160,12 @@ fn parse_args(skip: usize) -> Result<Args, String> {
 fn main() {
     // Memory is measured in a fresh child process: a process that already
     // ran the other measurements has freed memory its allocator reuses.
+    if std::env::var_os("BENCH_TRACE").is_some() {
+        tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::DEBUG)
+            .with_writer(std::io::stderr)
+            .init();
+    }
     let argv: Vec<String> = std::env::args().collect();
     if argv.get(1).map(String::as_str) == Some("--memory-child") {
         let n = |i: usize| argv.get(i).and_then(|v| v.parse().ok()).unwrap_or(100);
