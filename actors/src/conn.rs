@@ -187,6 +187,25 @@ impl ConnHandle {
         d.send_inline(cmd)
     }
 
+    /// Sends a one-way message to `target` with its frame built straight
+    /// into the link's send buffer by `encode` (see
+    /// [`Driver::cast_in_place`]): no frame buffer of its own, no queue, no
+    /// copy. `encode` answers false when the message cannot go this way
+    /// (it carries references, descriptors or blobs).
+    pub fn cast_in_place(
+        &self,
+        target: ActorId,
+        encode: &mut dyn FnMut(&mut BytesMut) -> Result<bool, RemoteError>,
+    ) -> Result<InPlace, RemoteError> {
+        let Some(cell) = self.0.driver.upgrade() else {
+            return Ok(InPlace::No);
+        };
+        let Ok(mut d) = cell.driver.try_lock() else {
+            return Ok(InPlace::No);
+        };
+        d.cast_in_place(target, encode)
+    }
+
     /// Queues a command without waiting; a full queue is `MailboxFull`.
     pub fn try_send(&self, cmd: Command, actor: ActorId) -> Result<(), RemoteError> {
         if self.is_closed() {
@@ -197,6 +216,19 @@ impl ConnHandle {
             mpsc::error::TrySendError::Closed(_) => self.lost(),
         })
     }
+}
+
+/// What came of [`ConnHandle::cast_in_place`].
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum InPlace {
+    /// Sent (or dropped as the queued path would drop it, with a log).
+    Sent,
+    /// The link's send buffer is at its budget and the socket full: the
+    /// sender is told `MailboxFull`.
+    Full,
+    /// Not this way now: build the frame and send it with
+    /// [`ConnHandle::send_inline`] or [`ConnHandle::try_send`].
+    No,
 }
 
 /// Why [`ConnHandle::send_inline`] gave a command back.
@@ -529,6 +561,95 @@ impl Driver {
         }
         self.task_waker = Some(waker);
         result
+    }
+
+    /// A one-way message built into the link's send buffer, on the same
+    /// terms as [`Self::send_inline`] (the caller on the driver's thread,
+    /// the driver idle), and only when no frame waits in front of the
+    /// link, so it cannot overtake one. The session checks and signs it
+    /// in place; the task is woken once to write what gathered.
+    fn cast_in_place(
+        &mut self,
+        target: ActorId,
+        encode: &mut dyn FnMut(&mut BytesMut) -> Result<bool, RemoteError>,
+    ) -> Result<InPlace, RemoteError> {
+        if self.finished
+            || self.link_done
+            || self.task_thread != thread_token()
+            || !self.session.is_established()
+            || self.session.is_closed()
+            || self.task_waker.is_none()
+        {
+            return Ok(InPlace::No);
+        }
+        // Queued commands go first: `send_inline` takes them.
+        if !self.ctl_rx.is_empty() || !self.rx.is_empty() {
+            return Ok(InPlace::No);
+        }
+        self.pump_session();
+        if !self.outq.is_empty() {
+            return Ok(InPlace::No);
+        }
+        if !self.link.begin_frame() {
+            // The link's queue is over budget: a large write's worth, so
+            // written here, as `send_inline` writes a full frame queue
+            // (not while the socket is known to be full).
+            let Some(waker) = self.task_waker.clone() else {
+                return Ok(InPlace::No);
+            };
+            if !self.write_blocked && self.poll_write(&mut Context::from_waker(&waker)).is_err() {
+                return Ok(InPlace::No);
+            }
+            if !self.link.begin_frame() {
+                // A full socket behind a full send buffer is the sender's
+                // backpressure (the frame queue is left to messages that
+                // cannot go this way).
+                return Ok(if self.write_blocked {
+                    InPlace::Full
+                } else {
+                    InPlace::No
+                });
+            }
+        }
+        let Some(buf) = self.link.frame_buf() else {
+            let _ = self.link.end_frame(false);
+            return Ok(InPlace::No);
+        };
+        let start = buf.len();
+        let built = match encode(buf) {
+            Ok(true) => {
+                let t = *self.clock.get_or_insert_with(now);
+                match self.session.send_cast_in_place(t, target, buf, start) {
+                    Ok(()) => Ok(InPlace::Sent),
+                    Err(e) => {
+                        // Handled as by the queued path: nothing to send.
+                        self.span
+                            .in_scope(|| debug!(error = %e, "one-way message dropped"));
+                        let _ = self.link.end_frame(false);
+                        return Ok(InPlace::Sent);
+                    }
+                }
+            }
+            Ok(false) => Ok(InPlace::No),
+            Err(e) => Err(e),
+        };
+        let keep = matches!(built, Ok(InPlace::Sent));
+        let len = buf.len() - start;
+        if let Err(e) = self.link.end_frame(keep) {
+            self.span
+                .in_scope(|| debug!(error = %e, "one-way message dropped"));
+            return Ok(InPlace::Sent);
+        }
+        if keep {
+            self.counts.bytes_out += len as u64;
+            if !self.flush_scheduled {
+                self.flush_scheduled = true;
+                if let Some(w) = &self.task_waker {
+                    w.wake_by_ref();
+                }
+            }
+        }
+        built
     }
 
     /// Adds what this driver counted since the last poll to the node's

@@ -129,6 +129,46 @@ pub(crate) fn encode_with<T: Serialize, R>(
     out
 }
 
+/// Encodes `value` straight into `buf` (a link's send buffer, see
+/// `Link::begin_frame`) after `room` bytes left for its envelope's head,
+/// which `write_head` then fills. True when done; false, with `buf` as it
+/// was, when the value carries references, descriptors or blobs, which
+/// this path does not take (the caller builds the frame the usual way,
+/// encoding the value again).
+pub(crate) fn encode_in_place<T: Serialize>(
+    value: &T,
+    buf: &mut bytes::BytesMut,
+    room: usize,
+    blobs_ok: bool,
+    discard: impl FnOnce(&[OutRef]),
+    write_head: impl FnOnce(&mut [u8]),
+) -> Result<bool, RemoteError> {
+    let start = buf.len();
+    let saved = OUT.with(|c| {
+        c.borrow_mut().replace(OutCtx {
+            refs: Vec::new(),
+            fds: Vec::new(),
+            blobs: blobs_ok.then(Vec::new),
+        })
+    });
+    buf.resize(start + room, 0);
+    let result = codec::encode_into_bytes(value, buf);
+    let ctx = OUT
+        .with(|c| std::mem::replace(&mut *c.borrow_mut(), saved))
+        .expect("set above");
+    let plain =
+        ctx.refs.is_empty() && ctx.fds.is_empty() && ctx.blobs.as_ref().is_none_or(Vec::is_empty);
+    if result.is_err() || !plain {
+        buf.truncate(start);
+        if !ctx.refs.is_empty() {
+            discard(&ctx.refs);
+        }
+        return result.map(|()| false);
+    }
+    write_head(&mut buf[start..start + room]);
+    Ok(true)
+}
+
 thread_local! {
     /// Room that small frames are carved from (see [`frame_buf`]).
     static FRAME_ARENA: RefCell<bytes::BytesMut> = RefCell::new(bytes::BytesMut::new());

@@ -19,7 +19,7 @@ use serde::de::Error as _;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use tokio::sync::oneshot;
 
-use crate::conn::{Command, ConnHandle, NotInline, ReplyIn};
+use crate::conn::{Command, ConnHandle, InPlace, NotInline, ReplyIn};
 use crate::export::ExportEntry;
 use crate::message::{RemoteMessage, RemoteReply};
 use crate::node::NodeShared;
@@ -339,6 +339,16 @@ impl<A: Actor> RemoteAddr<A> {
                     .node
                     .upgrade()
                     .ok_or(imp.dead_error(DeadReason::NodeUnreachable))?;
+                // Straight into the link's buffer when the driver is free
+                // and the message plain (no references, descriptors or
+                // blobs); otherwise a frame of its own, handed over below.
+                match conn.cast_in_place(imp.id, &mut |buf| {
+                    encode_cast_in_place(&node, imp.id, M::TYPE.as_str(), conn.0.blobs, &msg, buf)
+                })? {
+                    InPlace::Sent => return Ok(()),
+                    InPlace::Full => return Err(RemoteError::MailboxFull { actor: imp.id }),
+                    InPlace::No => {}
+                }
                 let (frame, fds, hold) =
                     build_frame(&node, &conn, imp.id, M::TYPE.as_str(), 0, &msg)?;
                 let cmd = Command::CastFrame {
@@ -396,6 +406,37 @@ fn build_frame<T: serde::Serialize>(
         });
         Ok((frame, fds, refs))
     })
+}
+
+/// Encodes a one-way message's envelope and payload into `buf` (see
+/// [`ConnHandle::cast_in_place`]); false if it needs a frame of its own.
+fn encode_cast_in_place<T: serde::Serialize>(
+    node: &NodeShared,
+    target: ActorId,
+    type_name: &str,
+    blobs_ok: bool,
+    msg: &T,
+    buf: &mut bytes::BytesMut,
+) -> Result<bool, RemoteError> {
+    use courier_runtime::wire::{call_header_bytes, CallHeader, CALL_HEADER_LEN};
+    let header = CallHeader {
+        request: 0,
+        incarnation: target.incarnation,
+        target: target.local,
+        fds: 0,
+    };
+    let room = CALL_HEADER_LEN + type_name.len();
+    refctx::encode_in_place(
+        msg,
+        buf,
+        room,
+        blobs_ok,
+        |refs| node.discard_out(refs),
+        |head| {
+            head[..CALL_HEADER_LEN].copy_from_slice(&call_header_bytes(&header, type_name, 0, 0));
+            head[CALL_HEADER_LEN..].copy_from_slice(type_name.as_bytes());
+        },
+    )
 }
 
 /// Room reserved for one reference in an envelope's head (its encoding

@@ -621,6 +621,30 @@ impl Session {
         Ok(())
     }
 
+    /// Sends a one-way message built in place, in `buf[start..]` (the
+    /// link's own buffer, see `Link::begin_frame`), checked as by
+    /// [`Self::send_cast_frame`]: appends its MAC when frames carry one.
+    /// The caller hands the frame to the link only if this succeeds, and
+    /// only when nothing waits in [`Self::poll_transmit`] (which would
+    /// otherwise go out after it).
+    pub fn send_cast_in_place(
+        &mut self,
+        now: Instant,
+        target: ActorId,
+        buf: &mut BytesMut,
+        start: usize,
+    ) -> Result<(), RemoteError> {
+        debug_assert!(self.transmit.is_empty(), "frames wait in front");
+        self.check_prebuilt(target, &buf[start..], crate::wire::kind::CAST)?;
+        self.sign(now, buf, start);
+        Ok(())
+    }
+
+    /// Whether frames wait in [`Self::poll_transmit`].
+    pub fn has_transmit(&self) -> bool {
+        !self.transmit.is_empty()
+    }
+
     /// Sends a reply whose frame the caller built with
     /// [`crate::wire::encode_reply`].
     pub fn send_reply_frame(&mut self, now: Instant, frame: BytesMut) -> Result<(), RemoteError> {
@@ -787,18 +811,24 @@ impl Session {
     }
 
     fn push_frame(&mut self, now: Instant, mut body: BytesMut) {
+        self.sign(now, &mut body, 0);
+        self.transmit.push_back(body.freeze());
+    }
+
+    /// Counts `buf[start..]` as the next frame sent, appending its MAC when
+    /// frames carry one.
+    fn sign(&mut self, now: Instant, buf: &mut BytesMut, start: usize) {
         if let State::Open(o) = &mut self.state {
             if let Some(mac) = &o.mac {
                 let mut m = mac.send.clone();
                 m.update(&o.send_seq.to_be_bytes());
-                m.update(&body);
-                body.put_slice(&m.finalize().into_bytes());
+                m.update(&buf[start..]);
+                buf.put_slice(&m.finalize().into_bytes());
             }
             o.send_seq += 1;
             o.liveness.on_send(now);
         }
         self.stats.frames_out += 1;
-        self.transmit.push_back(body.freeze());
     }
 
     fn open(&mut self, now: Instant, est: Established) {

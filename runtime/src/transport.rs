@@ -24,7 +24,7 @@ use std::pin::Pin;
 use std::str::FromStr;
 use std::task::{Context, Poll};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 
 /// A pinned, boxed, `Send` future: what the object-safe traits return.
 pub type BoxFut<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -171,6 +171,32 @@ pub trait Link: Send + fmt::Debug {
     /// without queuing anything if either is exceeded. Call only after
     /// `poll_ready` returned `Ready(Ok)`.
     fn start_send(&mut self, frame: Frame) -> Result<(), TransportError>;
+
+    /// Starts a frame without descriptors built straight into the link's
+    /// send buffer (see [`Self::frame_buf`]), sparing the copy
+    /// `start_send` makes. False when the link has no such buffer or
+    /// cannot take a frame now (its queue is over budget, or it is
+    /// closing); then use `poll_ready` and `start_send`. When true, must be
+    /// followed by [`Self::end_frame`] before any other call but
+    /// `frame_buf`.
+    fn begin_frame(&mut self) -> bool {
+        false
+    }
+
+    /// The buffer of the frame begun, to append its body to (what is
+    /// before its end is not the caller's to change).
+    fn frame_buf(&mut self) -> Option<&mut BytesMut> {
+        None
+    }
+
+    /// Ends the frame begun with [`Self::begin_frame`]: queues what was
+    /// appended as one frame's body when `keep` is true, or takes it back
+    /// out of the buffer. A body over the frame limit is taken back and
+    /// is an error, as in `start_send`.
+    fn end_frame(&mut self, keep: bool) -> Result<(), TransportError> {
+        let _ = keep;
+        Err(TransportError::Closed)
+    }
 
     /// Writes queued frames out; `Ready(Ok)` once all are handed to the OS.
     fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), TransportError>>;

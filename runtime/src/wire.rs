@@ -810,6 +810,32 @@ pub fn encode_call(
     out.put_slice(payload);
 }
 
+/// The fixed part of a call or cast envelope's head (the type name, the
+/// references and the blob table follow it), for a head written in place.
+/// `type_name` must have passed [`crate::id::validate_type_name`].
+pub fn call_header_bytes(
+    header: &CallHeader,
+    type_name: &str,
+    refs: usize,
+    blobs: usize,
+) -> [u8; CALL_HEADER_LEN] {
+    let mut h = [0u8; CALL_HEADER_LEN];
+    h[0] = if header.request == 0 {
+        kind::CAST
+    } else {
+        kind::CALL
+    };
+    h[2] = type_name.len() as u8;
+    h[3] = header.fds;
+    h[4..6].copy_from_slice(&(refs as u16).to_be_bytes());
+    h[6..8].copy_from_slice(&(blobs as u16).to_be_bytes());
+    h[8..16].copy_from_slice(&header.request.to_be_bytes());
+    h[16..24].copy_from_slice(&header.incarnation.0.to_be_bytes());
+    h[24..28].copy_from_slice(&header.target.index.to_be_bytes());
+    h[28..32].copy_from_slice(&header.target.generation.to_be_bytes());
+    h
+}
+
 /// Writes everything of a call or cast envelope but its payload, which
 /// follows at once: [`encode_call`] without the payload, for a caller that
 /// has the payload in place already. Without references the head is
@@ -824,20 +850,7 @@ pub fn encode_call_head(
 ) {
     // Built on the stack and appended once: `BytesMut`'s `put_u8` and
     // friends each call `memcpy`, which costs more than the whole header.
-    let mut h = [0u8; CALL_HEADER_LEN];
-    h[0] = if header.request == 0 {
-        kind::CAST
-    } else {
-        kind::CALL
-    };
-    h[2] = type_name.len() as u8;
-    h[3] = header.fds;
-    h[4..6].copy_from_slice(&(refs.len() as u16).to_be_bytes());
-    h[6..8].copy_from_slice(&(blobs.len() as u16).to_be_bytes());
-    h[8..16].copy_from_slice(&header.request.to_be_bytes());
-    h[16..24].copy_from_slice(&header.incarnation.0.to_be_bytes());
-    h[24..28].copy_from_slice(&header.target.index.to_be_bytes());
-    h[28..32].copy_from_slice(&header.target.generation.to_be_bytes());
+    let h = call_header_bytes(header, type_name, refs.len(), blobs.len());
     out.reserve(CALL_HEADER_LEN + type_name.len());
     out.extend_from_slice(&h);
     out.extend_from_slice(type_name.as_bytes());

@@ -1,7 +1,8 @@
 //! One sender's messages arrive in the order sent, whichever way each one
-//! took to the connection: written at once by a caller on the driver's
-//! thread, or queued (a busy driver, a full outgoing queue, a caller on
-//! another thread).
+//! took to the connection: built straight into the link's buffer or
+//! handed to the driver directly by a caller on the driver's thread, or
+//! queued (a busy driver, a full outgoing queue, a caller on another
+//! thread, a message carrying a blob, which never takes the first way).
 
 use std::time::{Duration, Instant};
 
@@ -34,17 +35,44 @@ struct Seq {
 #[rtype(result = "(u64, u64, u64)")]
 struct Tally;
 
-courier::remote_message!(Seq = "test.order.seq", Tally = "test.order.tally");
+/// `Seq` with a blob beside it.
+#[derive(Message, Serialize, Deserialize)]
+#[rtype(result = "()")]
+struct SeqBlob {
+    from: usize,
+    n: u64,
+    blob: courier::Blob,
+}
+
+courier::remote_message!(
+    Seq = "test.order.seq",
+    SeqBlob = "test.order.seq_blob",
+    Tally = "test.order.tally"
+);
+
+impl SeqSink {
+    fn record(&mut self, from: usize, n: u64) {
+        let from = from.min(1);
+        if self.last[from].is_some_and(|last| n <= last) {
+            self.out_of_order += 1;
+        }
+        self.last[from] = Some(n);
+        self.seen[from] += 1;
+    }
+}
 
 impl Handler<Seq> for SeqSink {
     type Result = ();
     fn handle(&mut self, m: Seq, _: &mut Context<Self>) {
-        let from = m.from.min(1);
-        if self.last[from].is_some_and(|last| m.n <= last) {
-            self.out_of_order += 1;
-        }
-        self.last[from] = Some(m.n);
-        self.seen[from] += 1;
+        self.record(m.from, m.n);
+    }
+}
+
+impl Handler<SeqBlob> for SeqSink {
+    type Result = ();
+    fn handle(&mut self, m: SeqBlob, _: &mut Context<Self>) {
+        assert_eq!(m.blob.len(), 8);
+        self.record(m.from, m.n);
     }
 }
 
@@ -80,6 +108,7 @@ fn one_senders_messages_keep_their_order_on_every_path() {
         server
             .export(SeqSink::default().start())
             .handles::<Seq>()
+            .handles::<SeqBlob>()
             .handles::<Tally>()
             .register("seq")
             .unwrap();
@@ -88,8 +117,8 @@ fn one_senders_messages_keep_their_order_on_every_path() {
         let sink = client.lookup::<SeqSink>(&addr, "seq").await.unwrap();
 
         // Sender 1 on a thread of its own (always queued); sender 0 on the
-        // arbiter, in bursts that fill the outgoing queue, so its messages
-        // switch between written-at-once and queued.
+        // arbiter, in bursts that fill the outgoing queues, so its messages
+        // switch between the ways, one in seven with a blob.
         let remote = sink.clone();
         let other = std::thread::spawn(move || {
             send_all(&remote, 1, || {
@@ -100,7 +129,16 @@ fn one_senders_messages_keep_their_order_on_every_path() {
         let deadline = Instant::now() + Duration::from_secs(60);
         for n in 0..N {
             loop {
-                match sink.do_send(Seq { from: 0, n }) {
+                let sent = if n % 7 == 3 {
+                    sink.do_send(SeqBlob {
+                        from: 0,
+                        n,
+                        blob: courier::Blob::new(n.to_be_bytes().to_vec()),
+                    })
+                } else {
+                    sink.do_send(Seq { from: 0, n })
+                };
+                match sent {
                     Ok(()) => break,
                     Err(RemoteError::MailboxFull { .. }) if Instant::now() < deadline => {
                         tokio::task::yield_now().await

@@ -229,6 +229,9 @@ pub(crate) struct StreamLink<S> {
     read_state: ReadState,
     outbox: Outbox,
     write_state: WriteState,
+    /// Where the frame begun with `begin_frame` starts in the outbox's
+    /// tail (its length prefix).
+    frame_start: Option<usize>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -268,6 +271,7 @@ impl<S: RawStream> StreamLink<S> {
             read_state: ReadState::Open,
             outbox: Outbox::default(),
             write_state: WriteState::Open,
+            frame_start: None,
         }
     }
 
@@ -514,6 +518,49 @@ impl<S: RawStream> Link for StreamLink<S> {
         Ok(())
     }
 
+    fn begin_frame(&mut self) -> bool {
+        debug_assert!(self.frame_start.is_none(), "begin_frame twice");
+        if self.write_state != WriteState::Open || self.outbox.queued >= self.send_budget {
+            return false;
+        }
+        let header = self.header_len();
+        // Room for a small message; a larger one grows the block.
+        self.outbox.make_room(IN_PLACE_ROOM);
+        let tail = &mut self.outbox.tail;
+        self.frame_start = Some(tail.len());
+        // The prefix is filled in by `end_frame`; a descriptor-carrying
+        // stream's count byte is 0 (no descriptors travel this way).
+        tail.extend_from_slice(&[0; PREFIX_LEN + 1][..PREFIX_LEN + header]);
+        true
+    }
+
+    fn frame_buf(&mut self) -> Option<&mut BytesMut> {
+        self.frame_start.map(|_| &mut self.outbox.tail)
+    }
+
+    fn end_frame(&mut self, keep: bool) -> Result<(), TransportError> {
+        let Some(start) = self.frame_start.take() else {
+            return Err(TransportError::Closed);
+        };
+        let header = self.header_len();
+        let tail = &mut self.outbox.tail;
+        let len = tail.len() - start - PREFIX_LEN - header;
+        if !keep {
+            tail.truncate(start);
+            return Ok(());
+        }
+        let Ok(prefix) = frame::encode_prefix(len + header, self.max_now + header) else {
+            tail.truncate(start);
+            return Err(TransportError::TooLarge {
+                len,
+                max: self.max_now,
+            });
+        };
+        tail[start..start + PREFIX_LEN].copy_from_slice(&prefix);
+        self.outbox.queued += PREFIX_LEN + header + len;
+        Ok(())
+    }
+
     fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), TransportError>> {
         self.poll_write_queue(cx)
     }
@@ -641,9 +688,12 @@ struct Outbox {
     queued: usize,
 }
 
+/// Room made for a frame built in place (see `begin_frame`).
+const IN_PLACE_ROOM: usize = 512;
+
 /// Smallest and largest block small frames are coalesced in.
 const TAIL_BLOCK_MIN: usize = 1024;
-const TAIL_BLOCK_MAX: usize = 64 * 1024;
+const TAIL_BLOCK_MAX: usize = 32 * 1024;
 
 struct Chunk {
     data: Bytes,
