@@ -129,12 +129,12 @@ pub(crate) fn encode_with<T: Serialize, R>(
     out
 }
 
-/// Encodes `value` straight into `buf` (a link's send buffer, see
-/// `Link::begin_frame`) after `room` bytes left for its envelope's head,
-/// which `write_head` then fills. True when done; false, with `buf` as it
-/// was, when the value carries references, descriptors or blobs, which
-/// this path does not take (the caller builds the frame the usual way,
-/// encoding the value again).
+/// Encodes `value` into `buf` (a link's send buffer, see
+/// `Link::begin_frame`) after `room` bytes for its envelope's head, which
+/// `write_head` fills. True when done; false, with `buf` as it was, when
+/// the value carries references, descriptors or blobs, which this path
+/// does not take (the caller builds the frame the usual way, encoding the
+/// value again).
 pub(crate) fn encode_in_place<T: Serialize>(
     value: &T,
     buf: &mut bytes::BytesMut,
@@ -151,22 +151,32 @@ pub(crate) fn encode_in_place<T: Serialize>(
             blobs: blobs_ok.then(Vec::new),
         })
     });
-    buf.resize(start + room, 0);
-    let result = codec::encode_into_bytes(value, buf);
+    // Through the scratch buffer: ciborium writes a few bytes at a time,
+    // which costs twice as much into a `BytesMut` as into a `Vec`.
+    let mut scratch = SCRATCH.with(|b| std::mem::take(&mut *b.borrow_mut()));
+    scratch.clear();
+    let result = codec::encode_into(value, &mut scratch);
     let ctx = OUT
         .with(|c| std::mem::replace(&mut *c.borrow_mut(), saved))
         .expect("set above");
     let plain =
         ctx.refs.is_empty() && ctx.fds.is_empty() && ctx.blobs.as_ref().is_none_or(Vec::is_empty);
-    if result.is_err() || !plain {
-        buf.truncate(start);
+    let out = if result.is_err() || !plain {
         if !ctx.refs.is_empty() {
             discard(&ctx.refs);
         }
-        return result.map(|()| false);
+        result.map(|()| false)
+    } else {
+        buf.reserve(room + scratch.len());
+        buf.resize(start + room, 0);
+        write_head(&mut buf[start..]);
+        buf.extend_from_slice(&scratch);
+        Ok(true)
+    };
+    if scratch.capacity() <= SCRATCH_KEEP {
+        SCRATCH.with(|b| *b.borrow_mut() = scratch);
     }
-    write_head(&mut buf[start..start + room]);
-    Ok(true)
+    out
 }
 
 thread_local! {

@@ -16,39 +16,6 @@ pub fn encode_into<T: Serialize + ?Sized>(value: &T, out: &mut Vec<u8>) -> Resul
     })
 }
 
-/// Encodes `value` as CBOR, appending to `out`.
-pub fn encode_into_bytes<T: Serialize + ?Sized>(
-    value: &T,
-    out: &mut bytes::BytesMut,
-) -> Result<(), RemoteError> {
-    ciborium::into_writer(value, BytesWriter(out)).map_err(|e| RemoteError::Codec {
-        op: "encode",
-        type_name: std::any::type_name::<T>().to_owned(),
-        reason: e.to_string(),
-    })
-}
-
-/// Appends to a `BytesMut` with one `extend_from_slice` per write
-/// (`bytes`' own writer goes through its generic, chunk-by-chunk `put`,
-/// which costs more than the rest of encoding a small message).
-struct BytesWriter<'a>(&'a mut bytes::BytesMut);
-
-impl std::io::Write for BytesWriter<'_> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.extend_from_slice(buf);
-        Ok(buf.len())
-    }
-
-    fn write_all(&mut self, buf: &[u8]) -> std::io::Result<()> {
-        self.0.extend_from_slice(buf);
-        Ok(())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 /// Encodes `value` as CBOR.
 pub fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, RemoteError> {
     let mut out = Vec::with_capacity(64);
