@@ -318,6 +318,9 @@ struct Import {
     live: bool,
     lent: u64,
     acquiring: bool,
+    /// The owner answered an acquire with "gone": the entry is kept only
+    /// for the loans made from it, and counts nothing at the owner.
+    gone: bool,
     waiting_unlends: Vec<(NodeId, u64)>,
 }
 
@@ -370,6 +373,7 @@ impl Imports {
         let new = !e.live;
         e.received += 1;
         e.live = true;
+        e.gone = false;
         new
     }
 
@@ -377,6 +381,17 @@ impl Imports {
     /// `token`.
     pub fn receive_third_party(&mut self, actor: ActorId, lender: NodeId, token: u64) -> HandOff {
         match self.entries.get_mut(&actor) {
+            // An entry the owner said is gone counts nothing there: joining
+            // it would take a dead actor for a live one (found by the
+            // three-node property test). Ask the owner, as for a first
+            // hand-off; its answer makes the new handle live or dead.
+            Some(e) if e.gone => {
+                e.gone = false;
+                e.live = true;
+                e.acquiring = true;
+                e.waiting_unlends.push((lender, token));
+                HandOff::MustAcquire
+            }
             Some(e) => {
                 e.live = true;
                 if e.acquiring {
@@ -421,6 +436,7 @@ impl Imports {
             // Nothing to release: the owner counted nothing for us. Loans
             // made from this entry stay valid until settled.
             e.live = false;
+            e.gone = true;
             if e.lent == 0 {
                 self.entries.remove(&actor);
             }
@@ -609,6 +625,33 @@ mod tests {
         let freed = a.release(B, x.incarnation, x.local, 1).unwrap();
         assert_eq!(freed, Some((x, "x")));
         assert!(a.is_empty() && b.is_empty());
+    }
+
+    #[test]
+    fn a_hand_off_after_the_owner_said_gone_is_not_joined() {
+        // B holds x (from C, acquiring) and lends it on to D; the owner A
+        // answers the acquire with "gone", but B keeps the entry for D's
+        // loan. Another hand-off of x from C must not join that entry.
+        const C: NodeId = NodeId([3; 16]);
+        const D: NodeId = NodeId([4; 16]);
+        let mut a: Exports<&str> = Exports::new(A, Incarnation(1), 100);
+        let x = a.export("x", false);
+        let mut b = Imports::new();
+        assert_eq!(b.receive_third_party(x, C, 1), HandOff::MustAcquire);
+        let to_d = b.lend(x, D).unwrap();
+        assert!(b.acquired(x, false).unwrap(), "the handle is dead");
+        assert_eq!(b.receive_third_party(x, C, 2), HandOff::MustAcquire);
+        assert!(b.is_acquiring(&x));
+        assert!(b.acquired(x, false).unwrap());
+        // Both of C's loans settle; D's settles the entry away.
+        let mut unlends = Vec::new();
+        while let Some(u) = b.poll_unlend() {
+            unlends.push(u);
+        }
+        unlends.sort();
+        assert_eq!(unlends, vec![(C, 1), (C, 2)]);
+        b.unlend(to_d, D).unwrap();
+        assert!(b.is_empty());
     }
 
     #[test]
