@@ -203,6 +203,67 @@ async fn oversized(h: Harness) {
     assert!(within(STEP, "after error", s.recv()).await.is_none());
 }
 
+/// Frames built in the link's own buffer (`begin_frame`, `frame_buf`,
+/// `end_frame`) arrive intact and in order among frames queued with
+/// `start_send`, whatever their size; one taken back or over the limit
+/// never arrives.
+async fn in_place(h: Harness) {
+    let (mut c, mut s) = h.pair().await;
+    let lens = [0usize, 1, 64, 3000, 8192, 9000, 64, 20_000, 100, 0];
+    let mut expected = Vec::new();
+    for round in 0..20u32 {
+        for (k, &n) in lens.iter().enumerate() {
+            let seed = round * 100 + k as u32;
+            let body = payload(seed, n);
+            if k % 3 == 0 {
+                c.feed(Frame::new(body.clone())).await.expect("feed");
+            } else {
+                assert!(c.begin_frame(), "{}: no frame begun", h.name);
+                c.frame_buf()
+                    .expect("a frame begun")
+                    .extend_from_slice(&body);
+                c.end_frame(true).expect("end_frame");
+            }
+            expected.push(body.to_vec());
+        }
+        // Taken back: never sent.
+        assert!(c.begin_frame());
+        c.frame_buf().unwrap().extend_from_slice(b"taken back");
+        c.end_frame(false).unwrap();
+        // Over the limit: refused, and nothing of it sent.
+        c.set_max_frame_len(1024);
+        assert!(c.begin_frame());
+        c.frame_buf().unwrap().extend_from_slice(&payload(0, 1025));
+        match c.end_frame(true) {
+            Err(TransportError::TooLarge {
+                len: 1025,
+                max: 1024,
+            }) => {}
+            other => panic!("{}: expected TooLarge, got {other:?}", h.name),
+        }
+        c.set_max_frame_len(usize::MAX);
+    }
+    let n = expected.len();
+    let server = async {
+        let mut got = Vec::new();
+        for _ in 0..n {
+            got.push(recv_frame(s.as_mut()).await.payload.to_vec());
+        }
+        got
+    };
+    let (flushed, mut got) = within(STEP * 2, "in place", async {
+        tokio::join!(c.flush(), server)
+    })
+    .await;
+    flushed.expect("flush");
+    if c.caps().multiplexed {
+        // Large frames travel on streams of their own, in any order.
+        expected.sort();
+        got.sort();
+    }
+    assert!(got == expected, "{}: frames differ", h.name);
+}
+
 /// Connecting to a listener that is gone fails cleanly.
 async fn listener_closed(h: Harness) {
     let l = h.listen().await;
@@ -355,6 +416,8 @@ macro_rules! conformance {
             async fn backpressure() { run(super::backpressure($make)).await }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn descriptors() { run(super::descriptors($make)).await }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn in_place() { run(super::in_place($make)).await }
         }
     )*};
 }

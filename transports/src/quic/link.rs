@@ -33,6 +33,8 @@ const KIND_BATCH: u8 = 4;
 const BATCH_MAX_BYTES: usize = crate::stream::COALESCE_MAX;
 /// Frames in one batch, at most.
 const BATCH_MAX_FRAMES: usize = 64;
+/// Room a frame built in place is expected to need (see `begin_frame`).
+const IN_PLACE_ROOM: usize = 256;
 /// Small frames held back while an earlier one is still arriving before
 /// no new stream is accepted (the streams being read may add up to
 /// `recv_concurrency` batches more; past that the peer broke the framing).
@@ -99,6 +101,9 @@ pub(crate) struct QuicLink {
     batch: BytesMut,
     batch_first: u64,
     batch_count: usize,
+    /// Where the frame begun with `begin_frame` starts in `batch` (its
+    /// length prefix).
+    frame_start: Option<usize>,
     send: SendState,
     accept: Option<BoxFut<'static, Result<RecvStream, ConnectionError>>>,
     reads: Vec<BoxFut<'static, Result<Incoming, TransportError>>>,
@@ -143,6 +148,7 @@ impl QuicLink {
             batch: BytesMut::new(),
             batch_first: 0,
             batch_count: 0,
+            frame_start: None,
             send: SendState::Open,
             accept: None,
             reads: Vec::new(),
@@ -314,6 +320,70 @@ impl Link for QuicLink {
         // Earlier small frames go out first.
         self.seal_batch();
         self.push_op(Bytes::from_static(&FRAME_HEAD), frame.payload, 0, len + 1);
+        self.frames_sent += 1;
+        Ok(())
+    }
+
+    fn begin_frame(&mut self) -> bool {
+        debug_assert!(self.frame_start.is_none(), "begin_frame twice");
+        if self.send != SendState::Open || self.over_budget() {
+            return false;
+        }
+        // A batch with little room left goes out first.
+        let room = BATCH_MAX_BYTES.min(self.max_now.load(Ordering::Relaxed));
+        if self.batch_count > 0
+            && (self.batch_count >= BATCH_MAX_FRAMES || self.batch.len() + 4 + IN_PLACE_ROOM > room)
+        {
+            self.seal_batch();
+        }
+        self.frame_start = Some(self.batch.len());
+        self.batch.extend_from_slice(&[0; 4]);
+        true
+    }
+
+    fn frame_buf(&mut self) -> Option<&mut BytesMut> {
+        self.frame_start.map(|_| &mut self.batch)
+    }
+
+    fn end_frame(&mut self, keep: bool) -> Result<(), TransportError> {
+        let Some(start) = self.frame_start.take() else {
+            return Err(TransportError::Closed);
+        };
+        let len = self.batch.len() - start - 4;
+        let max = self.max_now.load(Ordering::Relaxed);
+        if !keep || len > max {
+            self.batch.truncate(start);
+            return if keep {
+                Err(TransportError::TooLarge { len, max })
+            } else {
+                Ok(())
+            };
+        }
+        if len > crate::stream::COALESCE_MAX {
+            // Too large for a batch after all: on a stream of its own, as
+            // `start_send` sends it, after the small frames before it.
+            let body = self.batch.split_off(start + 4).freeze();
+            self.batch.truncate(start);
+            self.seal_batch();
+            self.push_op(Bytes::from_static(&FRAME_HEAD), body, 0, len + 1);
+            self.frames_sent += 1;
+            return Ok(());
+        }
+        let room = BATCH_MAX_BYTES.min(max);
+        if self.batch_count > 0 && start + 4 + len > room {
+            // Over the batch's limit: the frames before it go first, and
+            // it starts the next batch.
+            let this = self.batch.split_off(start);
+            self.seal_batch();
+            self.batch.extend_from_slice(&this);
+        }
+        let at = self.batch.len() - len - 4;
+        self.batch[at..at + 4].copy_from_slice(&(len as u32).to_be_bytes());
+        if self.batch_count == 0 {
+            self.batch_first = self.small_sent;
+        }
+        self.batch_count += 1;
+        self.small_sent += 1;
         self.frames_sent += 1;
         Ok(())
     }
