@@ -1259,12 +1259,14 @@ impl Future for Driver {
 
             // Frames in.
             let mut read_held = true;
+            let mut read_full = false;
             if !this.link_done && this.reading_allowed() {
                 read_held = false;
                 let mut n = 0;
                 loop {
                     if n == BATCH {
                         again = true;
+                        read_full = true;
                         break;
                     }
                     n += 1;
@@ -1453,6 +1455,13 @@ impl Future for Driver {
             }
 
             if !again {
+                return Poll::Pending;
+            }
+            if read_full {
+                // A batch of frames read: let the actors they went to run
+                // before reading more (what they free is what the next
+                // batch allocates, still warm), then continue.
+                cx.waker().wake_by_ref();
                 return Poll::Pending;
             }
         }
