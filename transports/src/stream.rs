@@ -87,7 +87,7 @@ impl Default for StreamConfig {
     fn default() -> Self {
         Self {
             max_frame_len: DEFAULT_MAX_FRAME,
-            send_budget: 1024 * 1024,
+            send_budget: 256 * 1024,
             read_chunk: 32 * 1024,
             connect_timeout: Duration::from_secs(30),
         }
