@@ -143,40 +143,23 @@ pub(crate) fn encode_in_place<T: Serialize>(
     discard: impl FnOnce(&[OutRef]),
     write_head: impl FnOnce(&mut [u8]),
 ) -> Result<bool, RemoteError> {
-    let start = buf.len();
-    let saved = OUT.with(|c| {
-        c.borrow_mut().replace(OutCtx {
-            refs: Vec::new(),
-            fds: Vec::new(),
-            blobs: blobs_ok.then(Vec::new),
-        })
-    });
-    // Through the scratch buffer: ciborium writes a few bytes at a time,
-    // which costs twice as much into a `BytesMut` as into a `Vec`.
-    let mut scratch = SCRATCH.with(|b| std::mem::take(&mut *b.borrow_mut()));
-    scratch.clear();
-    let result = codec::encode_into(value, &mut scratch);
-    let ctx = OUT
-        .with(|c| std::mem::replace(&mut *c.borrow_mut(), saved))
-        .expect("set above");
-    let plain =
-        ctx.refs.is_empty() && ctx.fds.is_empty() && ctx.blobs.as_ref().is_none_or(Vec::is_empty);
-    let out = if result.is_err() || !plain {
-        if !ctx.refs.is_empty() {
-            discard(&ctx.refs);
+    // Through the scratch buffer, then one copy: ciborium writes a few
+    // bytes at a time, which costs twice as much into a `BytesMut` as into
+    // a `Vec`.
+    encode_with(value, 0, blobs_ok, |payload, found| {
+        if !found.refs.is_empty() || !found.fds.is_empty() || !found.blobs.is_empty() {
+            if !found.refs.is_empty() {
+                discard(&found.refs);
+            }
+            return Ok(false);
         }
-        result.map(|()| false)
-    } else {
-        buf.reserve(room + scratch.len());
+        let start = buf.len();
+        buf.reserve(room + payload.len());
         buf.resize(start + room, 0);
         write_head(&mut buf[start..]);
-        buf.extend_from_slice(&scratch);
+        buf.extend_from_slice(payload);
         Ok(true)
-    };
-    if scratch.capacity() <= SCRATCH_KEEP {
-        SCRATCH.with(|b| *b.borrow_mut() = scratch);
-    }
-    out
+    })
 }
 
 thread_local! {
