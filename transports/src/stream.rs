@@ -35,10 +35,12 @@
 //!
 //! `start_send` only appends to a queue: payloads up to [`COALESCE_MAX`]
 //! bytes are copied into a shared buffer, larger ones are queued as they are
-//! (no copy) and written with vectored I/O. `poll_flush` then writes many
-//! frames per system call. `poll_ready` is `Pending` while the queue holds
-//! more than [`StreamConfig::send_budget`] bytes and the socket will not take
-//! more, so a peer that does not read costs at most the budget plus one frame.
+//! (no copy) and written with vectored I/O; `begin_frame` lets the caller
+//! build a small frame in that shared buffer itself (no copy at all).
+//! `poll_flush` then writes many frames per system call. `poll_ready` is
+//! `Pending` (and `begin_frame` false) while the queue holds more than
+//! [`StreamConfig::send_budget`] bytes and the socket will not take more, so
+//! a peer that does not read costs at most the budget plus one frame.
 
 use std::collections::VecDeque;
 use std::fmt;
