@@ -485,12 +485,7 @@ impl Driver {
     /// task is woken once to write what gathered.
     #[allow(clippy::result_large_err)]
     fn send_inline(&mut self, cmd: Command) -> Result<(), NotInline> {
-        if self.finished
-            || self.link_done
-            || self.task_thread != thread_token()
-            || !self.session.is_established()
-            || self.session.is_closed()
-        {
+        if !self.open_to_this_thread() {
             return Err(NotInline::Queue(cmd));
         }
         let Some(waker) = self.task_waker.take() else {
@@ -552,9 +547,8 @@ impl Driver {
                 Err(_) => wake = true,
             }
         }
-        if !written && !self.flush_scheduled {
-            self.flush_scheduled = true;
-            wake = true;
+        if !written {
+            wake |= self.schedule_flush();
         }
         if wake || self.link_done || self.session.is_closed() {
             waker.wake_by_ref();
@@ -573,13 +567,7 @@ impl Driver {
         target: ActorId,
         encode: &mut dyn FnMut(&mut BytesMut) -> Result<bool, RemoteError>,
     ) -> Result<InPlace, RemoteError> {
-        if self.finished
-            || self.link_done
-            || self.task_thread != thread_token()
-            || !self.session.is_established()
-            || self.session.is_closed()
-            || self.task_waker.is_none()
-        {
+        if !self.open_to_this_thread() || self.task_waker.is_none() {
             return Ok(InPlace::No);
         }
         // Queued commands go first: `send_inline` takes them.
@@ -635,21 +623,58 @@ impl Driver {
         };
         let keep = matches!(built, Ok(InPlace::Sent));
         let len = buf.len() - start;
-        if let Err(e) = self.link.end_frame(keep) {
-            self.span
-                .in_scope(|| debug!(error = %e, "one-way message dropped"));
-            return Ok(InPlace::Sent);
+        let ended = self.link.end_frame(keep);
+        if !keep {
+            // Taken back out: it goes the usual way, or was an error.
+            return built;
         }
-        if keep {
-            self.counts.bytes_out += len as u64;
-            if !self.flush_scheduled {
-                self.flush_scheduled = true;
-                if let Some(w) = &self.task_waker {
-                    w.wake_by_ref();
+        let wake = match ended {
+            Ok(()) => {
+                self.counts.bytes_out += len as u64;
+                self.schedule_flush()
+            }
+            Err(e) => {
+                // The session counted and signed it, the link refused it:
+                // the peer would find the next frame out of sequence, so
+                // the link is given up, as when `start_send` refuses.
+                self.link_failed(&e);
+                while let Some(ev) = self.session.poll_event() {
+                    self.on_event(ev, &mut None);
                 }
+                true
+            }
+        };
+        if wake {
+            if let Some(w) = &self.task_waker {
+                w.wake_by_ref();
             }
         }
         built
+    }
+
+    /// The link failed with `e`: nothing more is read or written, and the
+    /// session learns the peer is lost.
+    fn link_failed(&mut self, e: &TransportError) {
+        self.link_done = true;
+        self.link_error = Some(e.to_string());
+        self.session.handle_link_lost(e.to_string());
+    }
+
+    /// Whether a caller may hand work to this driver directly (see
+    /// [`Self::send_inline`]): it runs on the driver's thread, and the
+    /// connection is established and open.
+    fn open_to_this_thread(&self) -> bool {
+        !self.finished
+            && !self.link_done
+            && self.task_thread == thread_token()
+            && self.session.is_established()
+            && !self.session.is_closed()
+    }
+
+    /// Notes that the task is to be woken to write what gathered; true
+    /// unless it already was since its last poll.
+    fn schedule_flush(&mut self) -> bool {
+        !std::mem::replace(&mut self.flush_scheduled, true)
     }
 
     /// Adds what this driver counted since the last poll to the node's
@@ -1273,9 +1298,7 @@ impl Future for Driver {
                     match this.link.poll_recv(cx) {
                         Poll::Ready(Some(Ok(frame))) => this.on_frame(frame),
                         Poll::Ready(Some(Err(e))) => {
-                            this.link_done = true;
-                            this.link_error = Some(e.to_string());
-                            this.session.handle_link_lost(e.to_string());
+                            this.link_failed(&e);
                             again = true;
                             break;
                         }
@@ -1381,9 +1404,7 @@ impl Future for Driver {
             // Frames out.
             if !this.link_done {
                 if let Err(e) = this.poll_write(cx) {
-                    this.link_done = true;
-                    this.link_error = Some(e.to_string());
-                    this.session.handle_link_lost(e.to_string());
+                    this.link_failed(&e);
                     while let Some(ev) = this.session.poll_event() {
                         this.on_event(ev, &mut None);
                     }

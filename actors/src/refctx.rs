@@ -130,18 +130,16 @@ pub(crate) fn encode_with<T: Serialize, R>(
 }
 
 /// Encodes `value` into `buf` (a link's send buffer, see
-/// `Link::begin_frame`) after `room` bytes for its envelope's head, which
-/// `write_head` fills. True when done; false, with `buf` as it was, when
-/// the value carries references, descriptors or blobs, which this path
-/// does not take (the caller builds the frame the usual way, encoding the
-/// value again).
+/// `Link::begin_frame`) after its envelope's head, which `write_head`
+/// appends. True when done; false, with `buf` as it was, when the value
+/// carries references, descriptors or blobs, which this path does not take
+/// (the caller builds the frame the usual way, encoding the value again).
 pub(crate) fn encode_in_place<T: Serialize>(
     value: &T,
     buf: &mut bytes::BytesMut,
-    room: usize,
     blobs_ok: bool,
     discard: impl FnOnce(&[OutRef]),
-    write_head: impl FnOnce(&mut [u8]),
+    write_head: impl FnOnce(&mut bytes::BytesMut),
 ) -> Result<bool, RemoteError> {
     // Through the scratch buffer, then one copy: ciborium writes a few
     // bytes at a time, which costs twice as much into a `BytesMut` as into
@@ -153,10 +151,7 @@ pub(crate) fn encode_in_place<T: Serialize>(
             }
             return Ok(false);
         }
-        let start = buf.len();
-        buf.reserve(room + payload.len());
-        buf.resize(start + room, 0);
-        write_head(&mut buf[start..]);
+        write_head(buf);
         buf.extend_from_slice(payload);
         Ok(true)
     })

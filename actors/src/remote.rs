@@ -418,24 +418,19 @@ fn encode_cast_in_place<T: serde::Serialize>(
     msg: &T,
     buf: &mut bytes::BytesMut,
 ) -> Result<bool, RemoteError> {
-    use courier_runtime::wire::{call_header_bytes, CallHeader, CALL_HEADER_LEN};
+    use courier_runtime::wire::{encode_call_head, CallHeader};
     let header = CallHeader {
         request: 0,
         incarnation: target.incarnation,
         target: target.local,
         fds: 0,
     };
-    let room = CALL_HEADER_LEN + type_name.len();
     refctx::encode_in_place(
         msg,
         buf,
-        room,
         blobs_ok,
         |refs| node.discard_out(refs),
-        |head| {
-            head[..CALL_HEADER_LEN].copy_from_slice(&call_header_bytes(&header, type_name, 0, 0));
-            head[CALL_HEADER_LEN..].copy_from_slice(type_name.as_bytes());
-        },
+        |out| encode_call_head(out, &header, type_name, &[], &[]),
     )
 }
 

@@ -640,11 +640,6 @@ impl Session {
         Ok(())
     }
 
-    /// Whether frames wait in [`Self::poll_transmit`].
-    pub fn has_transmit(&self) -> bool {
-        !self.transmit.is_empty()
-    }
-
     /// Sends a reply whose frame the caller built with
     /// [`crate::wire::encode_reply`].
     pub fn send_reply_frame(&mut self, now: Instant, frame: BytesMut) -> Result<(), RemoteError> {

@@ -686,30 +686,40 @@ fn decode_refs(r: &mut Reader<'_>, n: usize) -> Result<Vec<WireRef>, DecodeError
     Ok(refs)
 }
 
+/// Big-endian fields of a fixed header already checked long enough.
+fn be16(h: &[u8], at: usize) -> u16 {
+    u16::from_be_bytes([h[at], h[at + 1]])
+}
+
+fn be32(h: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes([h[at], h[at + 1], h[at + 2], h[at + 3]])
+}
+
+fn be64(h: &[u8], at: usize) -> u64 {
+    (u64::from(be32(h, at)) << 32) | u64::from(be32(h, at + 4))
+}
+
 fn decode_call(frame: &Bytes) -> Result<Call, DecodeError> {
-    // The fixed header in one bounds check (the layout `call_header_bytes`
+    // The fixed header in one bounds check (the layout `encode_call_head`
     // writes): field by field through `Reader` costs several times more.
     let Some(h) = frame.first_chunk::<CALL_HEADER_LEN>() else {
         return Err(DecodeError::Truncated {
             what: "call header",
         });
     };
-    let be16 = |i: usize| usize::from(u16::from_be_bytes([h[i], h[i + 1]]));
-    let be32 = |i: usize| u32::from_be_bytes([h[i], h[i + 1], h[i + 2], h[i + 3]]);
-    let be64 = |i: usize| (u64::from(be32(i)) << 32) | u64::from(be32(i + 4));
     let flags = h[1];
     let name_len = usize::from(h[2]);
     let fds = h[3];
-    let n_refs = be16(4);
-    let n_blobs = be16(6);
+    let n_refs = usize::from(be16(h, 4));
+    let n_blobs = usize::from(be16(h, 6));
     if flags != 0 {
         return Err(DecodeError::Invalid { what: "call flags" });
     }
-    let request = be64(8);
-    let incarnation = Incarnation(be64(16));
+    let request = be64(h, 8);
+    let incarnation = Incarnation(be64(h, 16));
     let target = LocalId {
-        index: be32(24),
-        generation: be32(28),
+        index: be32(h, 24),
+        generation: be32(h, 28),
     };
     let mut r = Reader::new(frame, "call header");
     r.pos = CALL_HEADER_LEN;
@@ -745,14 +755,14 @@ fn decode_reply(frame: &Bytes) -> Result<Reply, DecodeError> {
     let flags = h[1];
     let status = ReplyStatus::from_u8(h[2])?;
     let fds = h[3];
-    let n_refs = usize::from(u16::from_be_bytes([h[4], h[5]]));
-    let n_blobs = usize::from(u16::from_be_bytes([h[6], h[7]]));
+    let n_refs = usize::from(be16(h, 4));
+    let n_blobs = usize::from(be16(h, 6));
     if flags != 0 {
         return Err(DecodeError::Invalid {
             what: "reply flags",
         });
     }
-    let request = u64::from_be_bytes([h[8], h[9], h[10], h[11], h[12], h[13], h[14], h[15]]);
+    let request = be64(h, 8);
     let mut r = Reader::new(frame, "reply header");
     r.pos = REPLY_HEADER_LEN;
     let refs = decode_refs(&mut r, n_refs)?;
@@ -829,32 +839,6 @@ pub fn encode_call(
     out.put_slice(payload);
 }
 
-/// The fixed part of a call or cast envelope's head (the type name, the
-/// references and the blob table follow it), for a head written in place.
-/// `type_name` must have passed [`crate::id::validate_type_name`].
-pub fn call_header_bytes(
-    header: &CallHeader,
-    type_name: &str,
-    refs: usize,
-    blobs: usize,
-) -> [u8; CALL_HEADER_LEN] {
-    let mut h = [0u8; CALL_HEADER_LEN];
-    h[0] = if header.request == 0 {
-        kind::CAST
-    } else {
-        kind::CALL
-    };
-    h[2] = type_name.len() as u8;
-    h[3] = header.fds;
-    h[4..6].copy_from_slice(&(refs as u16).to_be_bytes());
-    h[6..8].copy_from_slice(&(blobs as u16).to_be_bytes());
-    h[8..16].copy_from_slice(&header.request.to_be_bytes());
-    h[16..24].copy_from_slice(&header.incarnation.0.to_be_bytes());
-    h[24..28].copy_from_slice(&header.target.index.to_be_bytes());
-    h[28..32].copy_from_slice(&header.target.generation.to_be_bytes());
-    h
-}
-
 /// Writes everything of a call or cast envelope but its payload, which
 /// follows at once: [`encode_call`] without the payload, for a caller that
 /// has the payload in place already. Without references the head is
@@ -869,7 +853,20 @@ pub fn encode_call_head(
 ) {
     // Built on the stack and appended once: `BytesMut`'s `put_u8` and
     // friends each call `memcpy`, which costs more than the whole header.
-    let h = call_header_bytes(header, type_name, refs.len(), blobs.len());
+    let mut h = [0u8; CALL_HEADER_LEN];
+    h[0] = if header.request == 0 {
+        kind::CAST
+    } else {
+        kind::CALL
+    };
+    h[2] = type_name.len() as u8;
+    h[3] = header.fds;
+    h[4..6].copy_from_slice(&(refs.len() as u16).to_be_bytes());
+    h[6..8].copy_from_slice(&(blobs.len() as u16).to_be_bytes());
+    h[8..16].copy_from_slice(&header.request.to_be_bytes());
+    h[16..24].copy_from_slice(&header.incarnation.0.to_be_bytes());
+    h[24..28].copy_from_slice(&header.target.index.to_be_bytes());
+    h[28..32].copy_from_slice(&header.target.generation.to_be_bytes());
     out.reserve(CALL_HEADER_LEN + type_name.len());
     out.extend_from_slice(&h);
     out.extend_from_slice(type_name.as_bytes());

@@ -58,7 +58,10 @@
 //! bytes or [`QuicConfig::max_frames_in_flight`] frames are not yet handed to
 //! quinn. A peer may have at most 64 streams open toward us; quinn buffers at
 //! most 16 MiB per connection, and frames being read take at most
-//! `recv_concurrency` times the frame limit.
+//! `recv_concurrency` times the frame limit. Small frames that overtook an
+//! earlier one are held until it arrives: past 1,024 of them no new stream
+//! is taken, so at most (1,024 + `recv_concurrency` × 64) × 8 KiB are held
+//! (12.6 MiB with the defaults).
 
 use std::fmt;
 use std::io;

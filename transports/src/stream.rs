@@ -38,9 +38,10 @@
 //! (no copy) and written with vectored I/O; `begin_frame` lets the caller
 //! build a small frame in that shared buffer itself (no copy at all).
 //! `poll_flush` then writes many frames per system call. `poll_ready` is
-//! `Pending` (and `begin_frame` false) while the queue holds more than
-//! [`StreamConfig::send_budget`] bytes and the socket will not take more, so
-//! a peer that does not read costs at most the budget plus one frame.
+//! `Pending` while the queue holds more than [`StreamConfig::send_budget`]
+//! bytes and the socket will not take more (`begin_frame` is false as soon
+//! as the queue holds the budget, without trying the socket), so a peer
+//! that does not read costs at most the budget plus one frame.
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -281,6 +282,21 @@ impl<S: RawStream> StreamLink<S> {
         usize::from(self.io.carries_fds())
     }
 
+    /// The length prefix of a frame whose payload is `len` bytes, or
+    /// `TooLarge`.
+    fn prefix(&self, len: usize) -> Result<[u8; PREFIX_LEN], TransportError> {
+        Self::prefix_for(len, self.header_len(), self.max_now)
+    }
+
+    fn prefix_for(
+        len: usize,
+        header: usize,
+        max: usize,
+    ) -> Result<[u8; PREFIX_LEN], TransportError> {
+        frame::encode_prefix(len + header, max + header)
+            .map_err(|_| TransportError::TooLarge { len, max })
+    }
+
     fn op(&self, what: &str) -> String {
         format!("{what} {}", self.peer)
     }
@@ -506,12 +522,7 @@ impl<S: RawStream> Link for StreamLink<S> {
             }
         }
         let header = usize::from(carries);
-        let Ok(prefix) = frame::encode_prefix(len + header, self.max_now + header) else {
-            return Err(TransportError::TooLarge {
-                len,
-                max: self.max_now,
-            });
-        };
+        let prefix = self.prefix(len)?;
         let mut head = [0u8; PREFIX_LEN + 1];
         head[..PREFIX_LEN].copy_from_slice(&prefix);
         head[PREFIX_LEN] = frame.fds.len() as u8;
@@ -551,12 +562,12 @@ impl<S: RawStream> Link for StreamLink<S> {
             tail.truncate(start);
             return Ok(());
         }
-        let Ok(prefix) = frame::encode_prefix(len + header, self.max_now + header) else {
-            tail.truncate(start);
-            return Err(TransportError::TooLarge {
-                len,
-                max: self.max_now,
-            });
+        let prefix = match Self::prefix_for(len, header, self.max_now) {
+            Ok(p) => p,
+            Err(e) => {
+                tail.truncate(start);
+                return Err(e);
+            }
         };
         tail[start..start + PREFIX_LEN].copy_from_slice(&prefix);
         self.outbox.queued += PREFIX_LEN + header + len;
@@ -682,7 +693,8 @@ impl<S: RawStream> Link for StreamLink<S> {
 #[derive(Default)]
 struct Outbox {
     chunks: VecDeque<Chunk>,
-    /// Small frames being coalesced; sealed into a chunk when flushing.
+    /// Small frames being coalesced; sealed into a chunk when flushing, or
+    /// when it needs a new block (see [`Outbox::make_room`]).
     tail: BytesMut,
     /// Size of the last block `tail` was given (see [`Outbox::make_room`]).
     block: usize,
@@ -745,9 +757,11 @@ impl Outbox {
     /// the start again once every chunk cut from it was written (the
     /// usual case when the socket keeps up). Otherwise a new block is
     /// taken, twice as large as the last up to [`TAIL_BLOCK_MAX`]: a quiet
-    /// connection keeps a small one, a flood soon gets large ones, and no
-    /// buffer is ever grown by copying (`BytesMut` would grow it from
-    /// the size of one frame, doubling and copying all the way).
+    /// connection keeps a small one, a flood soon gets large ones, and a
+    /// block is not grown by copying for each frame (`BytesMut` would grow
+    /// it from the size of one frame, doubling and copying all the way).
+    /// Only a frame built in place that outgrows the room made for it
+    /// (`IN_PLACE_ROOM`) grows the block, copying what it holds.
     fn make_room(&mut self, need: usize) {
         if self.tail.capacity() - self.tail.len() >= need {
             return;

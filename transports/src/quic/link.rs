@@ -35,9 +35,10 @@ const BATCH_MAX_BYTES: usize = crate::stream::COALESCE_MAX;
 const BATCH_MAX_FRAMES: usize = 64;
 /// Room a frame built in place is expected to need (see `begin_frame`).
 const IN_PLACE_ROOM: usize = 256;
-/// Small frames held back while an earlier one is still arriving before
-/// no new stream is accepted (the streams being read may add up to
-/// `recv_concurrency` batches more; past that the peer broke the framing).
+/// Small frames held back while an earlier one is still arriving: at this
+/// many, no new stream is accepted. The streams already being read may
+/// add up to `recv_concurrency` batches more; a peer that goes past that
+/// broke the framing.
 const MAX_HELD: usize = 1024;
 static FRAME_HEAD: [u8; 1] = [KIND_FRAME];
 static END_ACK: [u8; 1] = [KIND_END_ACK];
@@ -230,6 +231,18 @@ impl QuicLink {
         self.in_flight += bytes;
     }
 
+    /// Seals the batch unless it has room for `need` more bytes and one
+    /// more frame. A batch never holds more than one frame's limit (`max`),
+    /// so the peer reads it whole under the limit it applies to a stream.
+    fn seal_batch_unless_room(&mut self, need: usize, max: usize) {
+        let room = BATCH_MAX_BYTES.min(max);
+        if self.batch_count > 0
+            && (self.batch.len() + need > room || self.batch_count >= BATCH_MAX_FRAMES)
+        {
+            self.seal_batch();
+        }
+    }
+
     fn over_budget(&self) -> bool {
         self.in_flight >= self.shared.cfg.send_budget
             || self.ops.len() >= self.shared.cfg.max_frames_in_flight
@@ -297,15 +310,8 @@ impl Link for QuicLink {
         }
         let small = len <= crate::stream::COALESCE_MAX;
         if small {
-            // A batch never holds more than one frame's limit, so the peer
-            // reads it whole under the limit it applies to a stream.
             let need = 4 + len;
-            let room = BATCH_MAX_BYTES.min(max);
-            if self.batch_count > 0
-                && (self.batch.len() + need > room || self.batch_count >= BATCH_MAX_FRAMES)
-            {
-                self.seal_batch();
-            }
+            self.seal_batch_unless_room(need, max);
             if self.batch_count == 0 {
                 self.batch_first = self.small_sent;
             }
@@ -330,12 +336,7 @@ impl Link for QuicLink {
             return false;
         }
         // A batch with little room left goes out first.
-        let room = BATCH_MAX_BYTES.min(self.max_now.load(Ordering::Relaxed));
-        if self.batch_count > 0
-            && (self.batch_count >= BATCH_MAX_FRAMES || self.batch.len() + 4 + IN_PLACE_ROOM > room)
-        {
-            self.seal_batch();
-        }
+        self.seal_batch_unless_room(4 + IN_PLACE_ROOM, self.max_now.load(Ordering::Relaxed));
         self.frame_start = Some(self.batch.len());
         self.batch.extend_from_slice(&[0; 4]);
         true
@@ -369,13 +370,12 @@ impl Link for QuicLink {
             self.frames_sent += 1;
             return Ok(());
         }
-        let room = BATCH_MAX_BYTES.min(max);
-        if self.batch_count > 0 && start + 4 + len > room {
+        if self.batch_count > 0 && start + 4 + len > BATCH_MAX_BYTES.min(max) {
             // Over the batch's limit: the frames before it go first, and
             // it starts the next batch.
             let this = self.batch.split_off(start);
             self.seal_batch();
-            self.batch.extend_from_slice(&this);
+            self.batch = this;
         }
         let at = self.batch.len() - len - 4;
         self.batch[at..at + 4].copy_from_slice(&(len as u32).to_be_bytes());
