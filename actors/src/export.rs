@@ -276,24 +276,41 @@ impl<A: Actor> ExportEntry<A> {
         }
     }
 
-    /// The failure a panicked handler reports, and its backtrace (still to
-    /// be symbolized) when this export asked for backtraces.
-    fn panic_failure(&self, type_name: &str) -> (RemoteFailure, Option<Backtrace>) {
-        let (text, backtrace) = match take_last_panic() {
-            Some((t, b)) => (Some(t), b),
-            None => (None, None),
+    /// Why the actor's mailbox closed under a call of `type_name`: the
+    /// panic this thread saw, as the failure to report (with its
+    /// backtrace, still to be symbolized, when this export asked for
+    /// backtraces); else the actor stopped (or panicked on a thread of its
+    /// own, whose log has the panic).
+    fn stop_failure(&self, type_name: &str) -> Stopped {
+        let Some((text, backtrace)) = take_last_panic() else {
+            warn!(
+                actor = std::any::type_name::<A>(),
+                message = type_name,
+                "the actor stopped before answering"
+            );
+            return if self.factory.is_some() {
+                Stopped::Failure(
+                    RemoteFailure {
+                        type_name: "stopped".into(),
+                        message: format!(
+                            "the actor stopped before answering {type_name}; it was restarted"
+                        ),
+                        backtrace: None,
+                    },
+                    None,
+                )
+            } else {
+                Stopped::Gone
+            };
         };
         error!(
             actor = std::any::type_name::<A>(),
             message = type_name,
-            panic = text.as_deref().unwrap_or("unknown"),
+            panic = %text,
             "handler panicked"
         );
         let message = if self.failure_details {
-            format!(
-                "the handler of {type_name} panicked: {}",
-                text.as_deref().unwrap_or("(no message)")
-            )
+            format!("the handler of {type_name} panicked: {text}")
         } else {
             format!("the handler of {type_name} panicked (details are in the exporting node's log)")
         };
@@ -302,8 +319,18 @@ impl<A: Actor> ExportEntry<A> {
             message,
             backtrace: None,
         };
-        (failure, backtrace.filter(|_| self.backtraces))
+        Stopped::Failure(failure, backtrace.filter(|_| self.backtraces))
     }
+}
+
+/// What a call whose actor's mailbox closed is told (see
+/// [`ExportEntry::stop_failure`]).
+enum Stopped {
+    /// A panic, or a supervised actor's stop: a failure (the actor is
+    /// restarted).
+    Failure(RemoteFailure, Option<Backtrace>),
+    /// An actor nobody restarts stopped: the reference is dead.
+    Gone,
 }
 
 impl<A: Actor> ExportedAny for ExportEntry<A> {
@@ -400,7 +427,7 @@ where
                 }
                 Err(SendError::Closed(msg)) => {
                     // The actor died; a supervised one is restarted here.
-                    let _ = entry.panic_failure(M::TYPE.as_str());
+                    let _ = entry.stop_failure(M::TYPE.as_str());
                     let _ = entry.current_addr().try_send(msg);
                     Dispatch::Done
                 }
@@ -414,18 +441,21 @@ where
                 let _guard = guard;
                 Some(match request.await {
                     Ok(value) => reply.reply(&value),
-                    Err(MailboxError::Closed) => {
-                        let (mut failure, bt) = entry.panic_failure(M::TYPE.as_str());
-                        // Restart now rather than on the next message.
-                        let _ = entry.current_addr();
-                        if let Some(bt) = bt {
-                            // Symbolizing takes long: not on the arbiter.
-                            failure.backtrace = tokio::task::spawn_blocking(move || bt.to_string())
-                                .await
-                                .ok();
+                    Err(MailboxError::Closed) => match entry.stop_failure(M::TYPE.as_str()) {
+                        Stopped::Failure(mut failure, bt) => {
+                            // Restart now rather than on the next message.
+                            let _ = entry.current_addr();
+                            if let Some(bt) = bt {
+                                // Symbolizing takes long: not on the arbiter.
+                                failure.backtrace =
+                                    tokio::task::spawn_blocking(move || bt.to_string())
+                                        .await
+                                        .ok();
+                            }
+                            reply.failed(&failure)
                         }
-                        reply.failed(&failure)
-                    }
+                        Stopped::Gone => reply.fail(ReplyStatus::ActorStopped, "the actor stopped"),
+                    },
                     Err(MailboxError::Timeout) => reply.fail(
                         ReplyStatus::ActorStopped,
                         "the actor did not answer in time",

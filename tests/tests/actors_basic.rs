@@ -92,6 +92,77 @@ fn a_panicking_actor_is_restarted_and_keeps_its_id() {
     });
 }
 
+/// Replies are written by the actor's task when it runs on the
+/// connection's thread; an actor on a thread of its own answers through
+/// the connection's task instead. Both, one call at a time and many at
+/// once, and a panic on the other thread.
+#[test]
+fn an_actor_on_another_thread_answers_calls() {
+    run(async {
+        // A reply lost on the way would hang the test: bounded.
+        tokio::time::timeout(WAIT * 3, async {
+            let server = node(Some("tcp://127.0.0.1:0")).await;
+            let arbiter = Arbiter::new();
+            let on_arbiter = Counter::start_in_arbiter(&arbiter.handle(), |_| Counter::default());
+            server
+                .export(on_arbiter)
+                .handles::<Add>()
+                .handles::<Get>()
+                .handles::<Crash>()
+                .register("far")
+                .unwrap();
+            export_counter(&server, "near");
+            let addr = server.local_addrs()[0].to_string();
+            let client = node(None).await;
+            let far = client.lookup::<Counter>(&addr, "far").await.unwrap();
+            let near = client.lookup::<Counter>(&addr, "near").await.unwrap();
+            for i in 1..=50u64 {
+                assert_eq!(far.send(Add(1)).await.unwrap(), Ok(i));
+                assert_eq!(near.send(Add(2)).await.unwrap(), Ok(2 * i));
+            }
+            // Many at once, both actors: every reply reaches its caller.
+            let calls: Vec<_> = (0..64)
+                .map(|i| {
+                    let target = if i % 2 == 0 {
+                        far.clone()
+                    } else {
+                        near.clone()
+                    };
+                    actix::spawn(async move { target.send(Add(1)).await })
+                })
+                .collect();
+            for call in calls {
+                assert!(matches!(call.await.unwrap(), Ok(Ok(_))));
+            }
+            assert_eq!(far.send(Get).await.unwrap(), 82);
+            assert_eq!(near.send(Get).await.unwrap(), 132);
+            // A panic on the other thread (which this one cannot see): the
+            // actor stopped, and nobody restarts it, so the reference is dead.
+            for m in 0..2 {
+                let e = if m == 0 {
+                    far.send(Crash).await.unwrap_err()
+                } else {
+                    far.send(Get).await.map(|_| ()).unwrap_err()
+                };
+                assert!(
+                    matches!(
+                        e,
+                        RemoteError::DeadReference {
+                            reason: DeadReason::ActorStopped,
+                            ..
+                        }
+                    ),
+                    "{e}"
+                );
+            }
+            assert_eq!(near.send(Get).await.unwrap(), 132);
+            arbiter.stop();
+        })
+        .await
+        .expect("every call answered in time");
+    });
+}
+
 #[test]
 fn wrong_cookie_is_refused_on_both_sides() {
     run(async {

@@ -313,7 +313,8 @@ async fn run(args: &Args) -> Vec<Sample> {
     let dir = std::env::temp_dir().join(format!("courier-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let mut b = args.budget;
-    // For profiling: BENCH_RTT_ITERS and BENCH_ONEWAY_MSGS override counts.
+    // For profiling: BENCH_RTT_ITERS, BENCH_ONEWAY_MSGS and BENCH_CALLS
+    // (64 callers) override counts.
     if let Some(n) = std::env::var("BENCH_RTT_ITERS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -325,6 +326,12 @@ async fn run(args: &Args) -> Vec<Sample> {
         .and_then(|v| v.parse().ok())
     {
         b.oneway_msgs = n;
+    }
+    if let Some(n) = std::env::var("BENCH_CALLS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        b.concurrent_calls = n;
     }
     let want = |m: &str| args.only.is_empty() || args.only.iter().any(|o| o == m);
     // For profiling one implementation alone: BENCH_IMPL=raw|raw+cbor|courier.
@@ -380,10 +387,14 @@ async fn run(args: &Args) -> Vec<Sample> {
                 }
             }
             if want("64callers") {
-                let r = raw::pipelined(kind, &dir, b.concurrent_calls, 64).await;
-                out.push(r.sample(t, "64callers", "raw"));
-                let r = courier_side::concurrent(kind, &dir, b.concurrent_calls, 64).await;
-                out.push(r.sample(t, "64callers", "courier"));
+                if run_impl("raw") {
+                    let r = raw::pipelined(kind, &dir, b.concurrent_calls, 64).await;
+                    out.push(r.sample(t, "64callers", "raw"));
+                }
+                if run_impl("courier") {
+                    let r = courier_side::concurrent(kind, &dir, b.concurrent_calls, 64).await;
+                    out.push(r.sample(t, "64callers", "courier"));
+                }
             }
             if want("refs") {
                 let r = courier_side::refs(kind, &dir, b.ref_iters).await;
