@@ -228,6 +228,7 @@ impl<A: Actor> RemoteAddr<A> {
 
     /// Sends `msg` and waits for the typed reply. Add
     /// [`Request::timeout`] to bound the wait.
+    #[inline]
     pub fn send<M>(&self, msg: M) -> Request<M::Result, Call<A, M>>
     where
         A: Handler<M>,
@@ -241,6 +242,7 @@ impl<A: Actor> RemoteAddr<A> {
     /// The future behind [`Self::send`]: a local actor is asked through its
     /// mailbox with no allocation of ours; a remote one through its
     /// connection.
+    #[inline]
     fn call<M>(&self, msg: M) -> Call<A, M>
     where
         A: Handler<M>,
@@ -517,6 +519,7 @@ pin_project! {
 }
 
 impl<R, F> Request<R, F> {
+    #[inline]
     fn new(fut: F) -> Self {
         Self {
             fut,

@@ -313,8 +313,8 @@ async fn run(args: &Args) -> Vec<Sample> {
     let dir = std::env::temp_dir().join(format!("courier-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let mut b = args.budget;
-    // For profiling: BENCH_RTT_ITERS, BENCH_ONEWAY_MSGS and BENCH_CALLS
-    // (64 callers) override counts.
+    // For profiling: BENCH_RTT_ITERS, BENCH_ONEWAY_MSGS, BENCH_CALLS (64
+    // callers) and BENCH_LOCAL_ITERS override counts.
     if let Some(n) = std::env::var("BENCH_RTT_ITERS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -326,6 +326,12 @@ async fn run(args: &Args) -> Vec<Sample> {
         .and_then(|v| v.parse().ok())
     {
         b.oneway_msgs = n;
+    }
+    if let Some(n) = std::env::var("BENCH_LOCAL_ITERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        b.local_iters = n;
     }
     if let Some(n) = std::env::var("BENCH_CALLS")
         .ok()
@@ -412,12 +418,18 @@ async fn run(args: &Args) -> Vec<Sample> {
             out.push(r.sample("tcp", "100conns", "courier"));
         }
         if want("local") {
-            let r = courier_side::actix_local(b.local_iters).await;
-            out.push(r.sample("local", "local", "actix"));
-            let r = courier_side::courier_local(b.local_iters).await;
-            out.push(r.sample("local", "local", "courier"));
-            let r = courier_side::actix_local_oneway(b.oneway_msgs).await;
-            out.push(r.sample("local", "oneway", "actix"));
+            if run_impl("actix") {
+                let r = courier_side::actix_local(b.local_iters).await;
+                out.push(r.sample("local", "local", "actix"));
+            }
+            if run_impl("courier") {
+                let r = courier_side::courier_local(b.local_iters).await;
+                out.push(r.sample("local", "local", "courier"));
+            }
+            if run_impl("actix") {
+                let r = courier_side::actix_local_oneway(b.oneway_msgs).await;
+                out.push(r.sample("local", "oneway", "actix"));
+            }
         }
     }
     let _ = std::fs::remove_dir_all(&dir);
