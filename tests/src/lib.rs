@@ -71,6 +71,11 @@ pub struct Bump;
 #[rtype(result = "()")]
 pub struct Crash;
 
+/// Stops the actor (after answering).
+#[derive(Message, Serialize, Deserialize)]
+#[rtype(result = "()")]
+pub struct Quit;
+
 /// Answers after this many milliseconds.
 #[derive(Message, Serialize, Deserialize)]
 #[rtype(result = "()")]
@@ -190,6 +195,7 @@ courier::remote_message!(
     Get = "test.counter.get",
     Bump = "test.counter.bump",
     Crash = "test.counter.crash",
+    Quit = "test.counter.quit",
     Slow = "test.counter.slow",
     NotHandled = "test.counter.not_handled",
     Blob = "test.counter.blob",
@@ -227,6 +233,13 @@ impl Handler<Crash> for Counter {
     }
 }
 
+impl Handler<Quit> for Counter {
+    type Result = ();
+    fn handle(&mut self, _: Quit, ctx: &mut Context<Self>) {
+        ctx.stop();
+    }
+}
+
 impl Handler<Slow> for Counter {
     type Result = ResponseActFuture<Self, ()>;
     fn handle(&mut self, m: Slow, _: &mut Context<Self>) -> Self::Result {
@@ -255,6 +268,7 @@ pub fn export_counter(node: &Node, name: &str) -> RemoteAddr<Counter> {
         .handles::<Get>()
         .handles::<Bump>()
         .handles::<Crash>()
+        .handles::<Quit>()
         .handles::<Slow>()
         .handles::<Blob>()
         .handles::<EchoBlobs>()

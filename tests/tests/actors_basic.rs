@@ -163,6 +163,33 @@ fn an_actor_on_another_thread_answers_calls() {
     });
 }
 
+/// An actor that stops itself: calls already in its mailbox get a
+/// failure saying so (not a panic), and the supervised export is started
+/// again under the same id.
+#[test]
+fn a_supervised_actor_that_stops_is_restarted() {
+    run(async {
+        let (_server, client, addr) = server_and_client().await;
+        let counter = client.lookup::<Counter>(&addr, "counter").await.unwrap();
+        assert_eq!(counter.send(Add(3)).await.unwrap(), Ok(3));
+        // Both in the mailbox before the actor handles the first: the two
+        // tasks write both calls before the server's driver (on this same
+        // thread) reads them, and it hands both over in one poll.
+        let quit = actix::spawn(counter.send(Quit));
+        let behind = actix::spawn(counter.send(Get));
+        quit.await.unwrap().unwrap();
+        match behind.await.unwrap() {
+            Err(RemoteError::Remote(f)) => {
+                assert_eq!(f.type_name, "stopped", "{}", f.message);
+                assert!(f.message.contains("restarted"), "{}", f.message);
+            }
+            other => panic!("{other:?}"),
+        }
+        // A fresh actor behind the same reference.
+        assert_eq!(counter.send(Get).await.unwrap(), 0);
+    });
+}
+
 #[test]
 fn wrong_cookie_is_refused_on_both_sides() {
     run(async {
