@@ -467,6 +467,8 @@ impl Session {
                 }
                 Err(e) => self.fail_handshake(e),
             },
+            // Not reached (`receive` handles an open session in place), but
+            // correct if it were.
             State::Open(mut o) => {
                 let result = o.receive(now, frame, self.config.max_frame);
                 self.state = State::Open(o);
