@@ -588,6 +588,6 @@ pub(crate) fn install_panic_hook() {
 /// Whether any export asked for backtraces (see [`Export::backtraces`]).
 static WANT_BACKTRACES: AtomicBool = AtomicBool::new(false);
 
-fn take_last_panic() -> Option<(String, Option<Backtrace>)> {
+pub(crate) fn take_last_panic() -> Option<(String, Option<Backtrace>)> {
     LAST_PANIC.with(|p| p.borrow_mut().take())
 }

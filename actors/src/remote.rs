@@ -603,14 +603,28 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project().inner.project() {
             CallProj::Local { req } => req.poll(cx).map_err(|e| match e {
-                MailboxError::Closed => RemoteError::Remote(RemoteFailure {
-                    type_name: "panic".into(),
-                    message: format!(
-                        "the actor stopped while handling {} (it is restarted if supervised)",
-                        M::TYPE
-                    ),
-                    backtrace: None,
-                }),
+                // As through a connection: a panic this thread saw is a
+                // "panic" failure, any other stop a "stopped" one.
+                MailboxError::Closed => {
+                    RemoteError::Remote(match crate::export::take_last_panic() {
+                        Some(_) => RemoteFailure {
+                            type_name: "panic".into(),
+                            message: format!(
+                                "the handler of {} panicked (it is restarted if supervised)",
+                                M::TYPE
+                            ),
+                            backtrace: None,
+                        },
+                        None => RemoteFailure {
+                            type_name: "stopped".into(),
+                            message: format!(
+                            "the actor stopped before answering {} (it is restarted if supervised)",
+                            M::TYPE
+                        ),
+                            backtrace: None,
+                        },
+                    })
+                }
                 MailboxError::Timeout => RemoteError::Timeout {
                     after: Duration::ZERO,
                 },

@@ -251,6 +251,16 @@ fn local_references_skip_the_wire() {
         assert_eq!(f.type_name, "panic");
         assert!(f.message.contains("test.counter.crash"), "{}", f.message);
         assert_eq!(counter.send(Add(1)).await.unwrap(), Ok(1));
+        // A call behind one that stops the actor: a "stopped" failure.
+        let quit = counter.send(Quit);
+        let behind = counter.send(Get);
+        quit.await.unwrap();
+        let e = behind.await.unwrap_err();
+        assert!(
+            matches!(&e, RemoteError::Remote(f) if f.type_name == "stopped"),
+            "{e}"
+        );
+        assert_eq!(counter.send(Add(1)).await.unwrap(), Ok(1));
         // Typed through a recipient, the call is boxed and answers alike.
         let add = counter.recipient::<Add>();
         assert_eq!(add.send(Add(1)).await.unwrap(), Ok(2));
