@@ -276,13 +276,24 @@ impl<A: Actor> ExportEntry<A> {
         }
     }
 
-    /// Why the actor's mailbox closed under a call of `type_name`: the
-    /// panic this thread saw, as the failure to report (with its
-    /// backtrace, still to be symbolized, when this export asked for
-    /// backtraces); else the actor stopped (or panicked on a thread of its
+    /// Why a call of `type_name` got no answer: the panic this thread saw,
+    /// as the failure to report (with its backtrace, still to be
+    /// symbolized, when this export asked for backtraces); else, if the
+    /// actor still runs, it dropped the call (a handler's future
+    /// cancelled, say); else it stopped (or panicked on a thread of its
     /// own, whose log has the panic).
     fn stop_failure(&self, type_name: &str) -> Stopped {
         let Some((text, backtrace)) = take_last_panic() else {
+            if self.addr.read().expect("not poisoned").connected() {
+                return Stopped::Failure(
+                    RemoteFailure {
+                        type_name: "dropped".into(),
+                        message: format!("the actor dropped the call of {type_name} unanswered"),
+                        backtrace: None,
+                    },
+                    None,
+                );
+            }
             warn!(
                 actor = std::any::type_name::<A>(),
                 message = type_name,

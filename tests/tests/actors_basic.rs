@@ -190,6 +190,78 @@ fn a_supervised_actor_that_stops_is_restarted() {
     });
 }
 
+/// An actor under actix's own supervisor: restarting it in place (same
+/// mailbox) cancels the futures it was answering with.
+#[derive(Default)]
+struct Flaky;
+
+impl Actor for Flaky {
+    type Context = Context<Self>;
+}
+
+impl actix::Supervised for Flaky {}
+
+/// Answered by a future that never finishes.
+#[derive(Message, serde::Serialize, serde::Deserialize)]
+#[rtype(result = "()")]
+struct Hang;
+
+/// Stops the actor; its supervisor starts it again at once.
+#[derive(Message, serde::Serialize, serde::Deserialize)]
+#[rtype(result = "u32")]
+struct Restart;
+
+courier::remote_message!(Hang = "test.flaky.hang", Restart = "test.flaky.restart");
+
+impl Handler<Hang> for Flaky {
+    type Result = ResponseActFuture<Self, ()>;
+    fn handle(&mut self, _: Hang, _: &mut Context<Self>) -> Self::Result {
+        Box::pin(actix::fut::wrap_future(std::future::pending()))
+    }
+}
+
+impl Handler<Restart> for Flaky {
+    type Result = u32;
+    fn handle(&mut self, _: Restart, ctx: &mut Context<Self>) -> u32 {
+        ctx.stop();
+        7
+    }
+}
+
+/// A call the actor drops unanswered while it keeps running (here its
+/// answering future is cancelled by an in-place restart) is a "dropped"
+/// failure: not a panic, and not a dead reference, since the actor still
+/// answers.
+#[test]
+fn a_call_dropped_by_a_running_actor_is_a_dropped_failure() {
+    run(async {
+        tokio::time::timeout(WAIT * 3, async {
+            let server = node(Some("tcp://127.0.0.1:0")).await;
+            server
+                .export(actix::Supervisor::start(|_| Flaky))
+                .handles::<Hang>()
+                .handles::<Restart>()
+                .register("flaky")
+                .unwrap();
+            let addr = server.local_addrs()[0].to_string();
+            let client = node(None).await;
+            let flaky = client.lookup::<Flaky>(&addr, "flaky").await.unwrap();
+            let hung = actix::spawn(flaky.send(Hang));
+            // The hanging call reaches the actor before the restart does.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            assert_eq!(flaky.send(Restart).await.unwrap(), 7);
+            match hung.await.unwrap() {
+                Err(RemoteError::Remote(f)) => assert_eq!(f.type_name, "dropped", "{}", f.message),
+                other => panic!("{other:?}"),
+            }
+            // The same reference still reaches the (restarted) actor.
+            assert_eq!(flaky.send(Restart).await.unwrap(), 7);
+        })
+        .await
+        .expect("answered in time");
+    });
+}
+
 #[test]
 fn wrong_cookie_is_refused_on_both_sides() {
     run(async {
