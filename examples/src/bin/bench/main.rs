@@ -315,29 +315,15 @@ async fn run(args: &Args) -> Vec<Sample> {
     let mut b = args.budget;
     // For profiling: BENCH_RTT_ITERS, BENCH_ONEWAY_MSGS, BENCH_CALLS (64
     // callers) and BENCH_LOCAL_ITERS override counts.
-    if let Some(n) = std::env::var("BENCH_RTT_ITERS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-    {
-        b.rtt_iters = n;
-    }
-    if let Some(n) = std::env::var("BENCH_ONEWAY_MSGS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-    {
-        b.oneway_msgs = n;
-    }
-    if let Some(n) = std::env::var("BENCH_LOCAL_ITERS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-    {
-        b.local_iters = n;
-    }
-    if let Some(n) = std::env::var("BENCH_CALLS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-    {
-        b.concurrent_calls = n;
+    for (var, count) in [
+        ("BENCH_RTT_ITERS", &mut b.rtt_iters),
+        ("BENCH_ONEWAY_MSGS", &mut b.oneway_msgs),
+        ("BENCH_LOCAL_ITERS", &mut b.local_iters),
+        ("BENCH_CALLS", &mut b.concurrent_calls),
+    ] {
+        if let Some(n) = std::env::var(var).ok().and_then(|v| v.parse().ok()) {
+            *count = n;
+        }
     }
     let want = |m: &str| args.only.is_empty() || args.only.iter().any(|o| o == m);
     // For profiling one implementation alone: BENCH_IMPL=raw|raw+cbor|courier.
