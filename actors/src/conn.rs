@@ -8,9 +8,11 @@
 //! for senders), frames to write (bounded queue in front of the link's own
 //! bounded queue), and the session's timer.
 
+use std::cell::Cell;
 use std::collections::VecDeque;
 use std::future::Future;
 use std::os::fd::OwnedFd;
+use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -350,6 +352,8 @@ pub(crate) struct Driver {
     /// the driver (see [`InboundWake`]); made for the current task waker
     /// and thread.
     inbound_wake: Option<(Arc<InboundWake>, Waker)>,
+    /// A panic caught in [`Driver::reply_inline`], resumed by the task.
+    panic: Option<Box<dyn std::any::Any + Send>>,
     finished: bool,
     /// The task was woken to write what inline sends queued.
     flush_scheduled: bool,
@@ -457,6 +461,10 @@ impl Future for DriverTask {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let mut d = self.0.driver.lock().expect("not poisoned");
+        if let Some(payload) = d.panic.take() {
+            drop(d);
+            std::panic::resume_unwind(payload);
+        }
         match &d.task_waker {
             Some(w) if w.will_wake(cx.waker()) => {}
             _ => {
@@ -538,8 +546,17 @@ impl std::task::Wake for InboundWake {
             if !std::thread::panicking() {
                 if let Some(cell) = self.cell.upgrade() {
                     if let Ok(mut d) = cell.driver.try_lock() {
-                        if d.reply_inline() {
-                            return;
+                        // A panic here is the driver's, not the actor's
+                        // (whose task this runs in): it is carried to the
+                        // driver's task and goes on there, ending the
+                        // connection as it would have.
+                        match std::panic::catch_unwind(AssertUnwindSafe(|| d.reply_inline())) {
+                            Ok(true) => return,
+                            Ok(false) => {}
+                            Err(payload) => {
+                                let _ = crate::export::take_last_panic();
+                                d.panic = Some(payload);
+                            }
                         }
                     }
                 }
@@ -547,6 +564,52 @@ impl std::task::Wake for InboundWake {
         }
         self.task.wake_by_ref();
     }
+}
+
+std::thread_local! {
+    static REPLYING_INLINE: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Set while [`Driver::reply_inline`] polls inbound calls, so inside
+/// whatever woke it: an actor's task, or the dropping of an actor's
+/// mailbox (which may be a runtime shutting down).
+struct ReplyingInline(bool);
+
+impl ReplyingInline {
+    fn enter() -> Self {
+        Self(REPLYING_INLINE.replace(true))
+    }
+}
+
+impl Drop for ReplyingInline {
+    fn drop(&mut self) {
+        REPLYING_INLINE.set(self.0);
+    }
+}
+
+/// Whether an inbound call is being polled from the waker its actor
+/// called rather than by the driver's task. A call whose actor stopped
+/// then waits for the task ([`defer_to_task`]): what it does next (find
+/// the panic, restart the actor, answer the peer) belongs there, not
+/// inside an actor's drop, and not during a runtime's shutdown.
+pub(crate) fn replying_inline() -> bool {
+    REPLYING_INLINE.get()
+}
+
+/// Returns `Pending` once, waking itself: polled again by the driver's
+/// task (see [`replying_inline`]).
+pub(crate) async fn defer_to_task() {
+    let mut deferred = false;
+    std::future::poll_fn(|cx| {
+        if deferred {
+            Poll::Ready(())
+        } else {
+            deferred = true;
+            cx.waker().wake_by_ref();
+            Poll::Pending
+        }
+    })
+    .await;
 }
 
 /// A number for the calling thread, unique among the process's threads.
@@ -655,7 +718,10 @@ impl Driver {
         let _entered = span.enter();
         self.clock = None;
         let mut wake = false;
-        let replied = self.poll_inbound(&mut Context::from_waker(&task_waker));
+        let replied = {
+            let _inline = ReplyingInline::enter();
+            self.poll_inbound(&mut Context::from_waker(&task_waker), true)
+        };
         while let Some(ev) = self.session.poll_event() {
             self.on_event(ev, &mut None);
         }
@@ -681,8 +747,10 @@ impl Driver {
 
     /// Hands the replies of the inbound calls that finished to the
     /// session, polling the calls with the inbound waker (`cx` only when
-    /// there is none). True if there was any.
-    fn poll_inbound(&mut self, cx: &mut Context<'_>) -> bool {
+    /// there is none). True if there was any. `inline` when called from
+    /// [`Self::reply_inline`]: a call that asks to be polled again (one
+    /// whose actor stopped, see [`replying_inline`]) is left to the task.
+    fn poll_inbound(&mut self, cx: &mut Context<'_>, inline: bool) -> bool {
         let Some((wake, waker)) = self.inbound_wake.take() else {
             return self.take_replies(cx);
         };
@@ -700,7 +768,7 @@ impl Driver {
             // nothing to do in the first case; a call that keeps yielding
             // gets another turn after other tasks.
             rounds += 1;
-            if rounds == 4 {
+            if inline || rounds == 4 {
                 wake.task.wake_by_ref();
                 break;
             }
@@ -956,6 +1024,7 @@ impl Driver {
             task_waker: None,
             task_thread: 0,
             inbound_wake: None,
+            panic: None,
             finished: false,
             flush_scheduled: false,
             write_blocked: false,
@@ -1498,7 +1567,7 @@ impl Future for Driver {
                     }
                 }
             }
-            this.poll_inbound(cx);
+            this.poll_inbound(cx, false);
 
             // While reading is paused by our own backpressure, the peer
             // is not to blame for the silence.

@@ -276,15 +276,27 @@ impl<A: Actor> ExportEntry<A> {
         }
     }
 
-    /// Why a call of `type_name` got no answer: the panic this thread saw,
-    /// as the failure to report (with its backtrace, still to be
-    /// symbolized, when this export asked for backtraces); else, if the
-    /// actor still runs, it dropped the call (a handler's future
+    /// Whether the actor a call went to still runs: `sent_to` is the
+    /// restart count read when the call went into its mailbox.
+    fn still_runs(&self, sent_to: u64) -> bool {
+        self.restarts.load(Ordering::Relaxed) == sent_to
+            && self.addr.read().expect("not poisoned").connected()
+    }
+
+    /// Why a call of `type_name` got no answer: `panic`, the panic this
+    /// thread saw, as the failure to report (with its backtrace, still to
+    /// be symbolized, when this export asked for backtraces); else, if the
+    /// actor still `runs`, it dropped the call (a handler's future
     /// cancelled, say); else it stopped (or panicked on a thread of its
     /// own, whose log has the panic).
-    fn stop_failure(&self, type_name: &str) -> Stopped {
-        let Some((text, backtrace)) = take_last_panic() else {
-            if self.addr.read().expect("not poisoned").connected() {
+    fn stop_failure(
+        &self,
+        type_name: &str,
+        panic: Option<(String, Option<Backtrace>)>,
+        runs: bool,
+    ) -> Stopped {
+        let Some((text, backtrace)) = panic else {
+            if runs {
                 return Stopped::Failure(
                     RemoteFailure {
                         type_name: "dropped".into(),
@@ -333,6 +345,12 @@ impl<A: Actor> ExportEntry<A> {
         Stopped::Failure(failure, backtrace.filter(|_| self.backtraces))
     }
 }
+
+/// How often, and how many times, a call that got no answer from an actor
+/// whose mailbox is still open looks again before it is told "dropped"
+/// (see the handler's closed branch): about 20 ms in all.
+const STOP_CHECKS: usize = 20;
+const STOP_CHECK_EVERY: std::time::Duration = std::time::Duration::from_millis(1);
 
 /// What a call whose actor's mailbox closed is told (see
 /// [`ExportEntry::stop_failure`]).
@@ -438,44 +456,75 @@ where
                 }
                 Err(SendError::Closed(msg)) => {
                     // The actor died; a supervised one is restarted here.
-                    let _ = entry.stop_failure(M::TYPE.as_str());
+                    let _ = entry.stop_failure(M::TYPE.as_str(), take_last_panic(), false);
                     let _ = entry.current_addr().try_send(msg);
                     Dispatch::Done
                 }
             };
         };
         let request = entry.with_addr(|addr| addr.send(msg));
+        // Which actor it went to (`with_addr` restarts a dead one first).
+        let sent_to = entry.restarts.load(Ordering::Relaxed);
         let entry = entry.clone();
         let guard = InflightGuard::new(conn);
         Dispatch::Pending(Box::pin(
             async move {
                 let _guard = guard;
-                Some(match request.await {
-                    Ok(value) => reply.reply(&value),
-                    Err(MailboxError::Closed) => match entry.stop_failure(M::TYPE.as_str()) {
-                        Stopped::Failure(mut failure, bt) => {
-                            // Restart now rather than on the next message.
-                            let _ = entry.current_addr();
-                            if let Some(bt) = bt {
-                                // Symbolizing takes long: not on the arbiter.
-                                failure.backtrace =
-                                    tokio::task::spawn_blocking(move || bt.to_string())
-                                        .await
-                                        .ok();
-                            }
-                            reply.failed(&failure)
-                        }
-                        Stopped::Gone => reply.fail(ReplyStatus::ActorStopped, "the actor stopped"),
-                    },
-                    Err(MailboxError::Timeout) => reply.fail(
-                        ReplyStatus::ActorStopped,
-                        "the actor did not answer in time",
-                    ),
-                })
+                match request.await {
+                    Ok(value) => return Some(reply.reply(&value)),
+                    Err(MailboxError::Timeout) => {
+                        return Some(reply.fail(
+                            ReplyStatus::ActorStopped,
+                            "the actor did not answer in time",
+                        ))
+                    }
+                    Err(MailboxError::Closed) => {}
+                }
+                // The mailbox closed under the call: boxed, so that the
+                // rare path's state does not weigh on every call's future.
+                Some(Box::pin(answer_closed(entry, reply, sent_to, M::TYPE.as_str())).await)
             }
             .instrument(span),
         ))
     })
+}
+
+/// What a call whose actor's mailbox closed under it is told (see
+/// [`ExportEntry::stop_failure`]); a supervised actor is restarted.
+async fn answer_closed<A: Actor>(
+    entry: Arc<ExportEntry<A>>,
+    reply: ReplySink,
+    sent_to: u64,
+    type_name: &'static str,
+) -> Command {
+    if crate::conn::replying_inline() {
+        crate::conn::defer_to_task().await;
+    }
+    let panic = take_last_panic();
+    let mut runs = panic.is_none() && entry.still_runs(sent_to);
+    // An actor panicking on a thread of its own drops the call before its
+    // mailbox closes: a moment for that, bounded.
+    for _ in 0..STOP_CHECKS {
+        if !runs {
+            break;
+        }
+        tokio::time::sleep(STOP_CHECK_EVERY).await;
+        runs = entry.still_runs(sent_to);
+    }
+    match entry.stop_failure(type_name, panic, runs) {
+        Stopped::Failure(mut failure, bt) => {
+            // Restart now rather than on the next message.
+            let _ = entry.current_addr();
+            if let Some(bt) = bt {
+                // Symbolizing takes long: not on the arbiter.
+                failure.backtrace = tokio::task::spawn_blocking(move || bt.to_string())
+                    .await
+                    .ok();
+            }
+            reply.failed(&failure)
+        }
+        Stopped::Gone => reply.fail(ReplyStatus::ActorStopped, "the actor stopped"),
+    }
 }
 
 /// Builds an export: which messages the actor handles remotely, and how it

@@ -175,15 +175,22 @@ fn a_supervised_actor_that_stops_is_restarted() {
         // Both in the mailbox before the actor handles the first: the two
         // tasks write both calls before the server's driver (on this same
         // thread) reads them, and it hands both over in one poll.
+        // Both behind it are "stopped", though the first one's answer
+        // restarts the actor before the second is looked at.
         let quit = actix::spawn(counter.send(Quit));
-        let behind = actix::spawn(counter.send(Get));
+        let behind = [
+            actix::spawn(counter.send(Get)),
+            actix::spawn(counter.send(Get)),
+        ];
         quit.await.unwrap().unwrap();
-        match behind.await.unwrap() {
-            Err(RemoteError::Remote(f)) => {
-                assert_eq!(f.type_name, "stopped", "{}", f.message);
-                assert!(f.message.contains("restarted"), "{}", f.message);
+        for call in behind {
+            match call.await.unwrap() {
+                Err(RemoteError::Remote(f)) => {
+                    assert_eq!(f.type_name, "stopped", "{}", f.message);
+                    assert!(f.message.contains("restarted"), "{}", f.message);
+                }
+                other => panic!("{other:?}"),
             }
-            other => panic!("{other:?}"),
         }
         // A fresh actor behind the same reference.
         assert_eq!(counter.send(Get).await.unwrap(), 0);
@@ -211,7 +218,33 @@ struct Hang;
 #[rtype(result = "u32")]
 struct Restart;
 
-courier::remote_message!(Hang = "test.flaky.hang", Restart = "test.flaky.restart");
+/// Answered with a value that cannot be encoded.
+#[derive(Message, serde::Serialize, serde::Deserialize)]
+#[rtype(result = "Unencodable")]
+struct Unanswerable;
+
+/// A reply whose encoding panics (a bug in its `Serialize`).
+#[derive(Debug, serde::Deserialize)]
+struct Unencodable;
+
+impl serde::Serialize for Unencodable {
+    fn serialize<S: serde::Serializer>(&self, _: S) -> Result<S::Ok, S::Error> {
+        panic!("this reply cannot be encoded");
+    }
+}
+
+courier::remote_message!(
+    Hang = "test.flaky.hang",
+    Restart = "test.flaky.restart",
+    Unanswerable = "test.flaky.unanswerable"
+);
+
+impl Handler<Unanswerable> for Flaky {
+    type Result = MessageResult<Unanswerable>;
+    fn handle(&mut self, _: Unanswerable, _: &mut Context<Self>) -> Self::Result {
+        MessageResult(Unencodable)
+    }
+}
 
 impl Handler<Hang> for Flaky {
     type Result = ResponseActFuture<Self, ()>;
@@ -241,6 +274,7 @@ fn a_call_dropped_by_a_running_actor_is_a_dropped_failure() {
                 .export(actix::Supervisor::start(|_| Flaky))
                 .handles::<Hang>()
                 .handles::<Restart>()
+                .handles::<Unanswerable>()
                 .register("flaky")
                 .unwrap();
             let addr = server.local_addrs()[0].to_string();
@@ -256,6 +290,22 @@ fn a_call_dropped_by_a_running_actor_is_a_dropped_failure() {
             }
             // The same reference still reaches the (restarted) actor.
             assert_eq!(flaky.send(Restart).await.unwrap(), 7);
+
+            // A panic while encoding a reply is the connection's, not the
+            // actor's, wherever the reply is written: that connection
+            // ends, the actor lives on and answers over a new one.
+            // (An actor nobody restarts, so that it would show.)
+            server
+                .export(Flaky.start())
+                .handles::<Restart>()
+                .handles::<Unanswerable>()
+                .register("plain")
+                .unwrap();
+            let plain = client.lookup::<Flaky>(&addr, "plain").await.unwrap();
+            let e = plain.send(Unanswerable).await.unwrap_err();
+            assert!(matches!(e, RemoteError::ConnectionLost { .. }), "{e}");
+            let again = client.lookup::<Flaky>(&addr, "plain").await.unwrap();
+            assert_eq!(again.send(Restart).await.unwrap(), 7);
         })
         .await
         .expect("answered in time");
