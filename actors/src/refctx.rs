@@ -8,7 +8,7 @@
 //! the receiver accounts for every reference before the payload is decoded.
 //! Decoding reverses this with the list the frame brought.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 
@@ -46,12 +46,29 @@ pub(crate) enum Resolved {
     Dead(ActorId, DeadReason),
 }
 
+/// What the message being encoded holds besides its payload. It stays in
+/// place between messages (`active` says whether one is being encoded),
+/// so a message carrying none of these costs no more than two looks at it.
 struct OutCtx {
+    active: bool,
     refs: Vec<OutRef>,
     fds: Vec<OwnedFd>,
-    /// `None` when the link's peer takes no blobs: [`Blob`]s are encoded
+    /// False when the link's peer takes no blobs: [`Blob`]s are encoded
     /// into the payload then.
-    blobs: Option<Vec<Bytes>>,
+    blobs_ok: bool,
+    blobs: Vec<Bytes>,
+}
+
+impl OutCtx {
+    const fn new(active: bool, blobs_ok: bool) -> Self {
+        Self {
+            active,
+            refs: Vec::new(),
+            fds: Vec::new(),
+            blobs_ok,
+            blobs: Vec::new(),
+        }
+    }
 }
 
 struct InCtx {
@@ -60,9 +77,37 @@ struct InCtx {
     blobs: Vec<Bytes>,
 }
 
+/// Runs `f` on the context of the message being decoded: `None` outside
+/// one. A message that came with no references, descriptors or blobs
+/// (most) is decoded with no context set up, only `IN_BARE`; it sees an
+/// empty one, so an index in it fails as out of range, as with any other.
+fn with_in<R>(f: impl FnOnce(Option<&mut InCtx>) -> R) -> R {
+    IN.with_borrow_mut(|c| match c.as_mut() {
+        Some(ctx) => f(Some(ctx)),
+        None if IN_BARE.get() => f(Some(&mut InCtx {
+            refs: Vec::new(),
+            fds: Vec::new(),
+            blobs: Vec::new(),
+        })),
+        None => f(None),
+    })
+}
+
+/// Restores `IN_BARE` when a bare decode ends, however it ends.
+struct BareDecode(bool);
+
+impl Drop for BareDecode {
+    fn drop(&mut self) {
+        IN_BARE.set(self.0);
+    }
+}
+
 thread_local! {
-    static OUT: RefCell<Option<OutCtx>> = const { RefCell::new(None) };
+    static OUT: RefCell<OutCtx> = const { RefCell::new(OutCtx::new(false, false)) };
     static IN: RefCell<Option<InCtx>> = const { RefCell::new(None) };
+    /// Set while a message with nothing beside its payload is decoded (see
+    /// [`with_in`]).
+    static IN_BARE: Cell<bool> = const { Cell::new(false) };
 }
 
 thread_local! {
@@ -98,29 +143,35 @@ pub(crate) fn encode_with<T: Serialize, R>(
     blobs_ok: bool,
     build: impl FnOnce(&mut Vec<u8>, Found) -> Result<R, RemoteError>,
 ) -> Result<R, RemoteError> {
-    let saved = OUT.with(|c| {
-        c.borrow_mut().replace(OutCtx {
-            refs: Vec::new(),
-            fds: Vec::new(),
-            blobs: blobs_ok.then(Vec::new),
-        })
+    // An encode inside another's (a `Serialize` that encodes a message)
+    // puts the outer one's aside.
+    let outer = OUT.with_borrow_mut(|c| {
+        if c.active {
+            Some(std::mem::replace(c, OutCtx::new(true, blobs_ok)))
+        } else {
+            c.active = true;
+            c.blobs_ok = blobs_ok;
+            None
+        }
     });
     let mut buf = SCRATCH.with(|b| std::mem::take(&mut *b.borrow_mut()));
     buf.clear();
     buf.resize(room, 0);
     let result = codec::encode_into(value, &mut buf);
-    let ctx = OUT
-        .with(|c| std::mem::replace(&mut *c.borrow_mut(), saved))
-        .expect("set above");
+    let found = OUT.with_borrow_mut(|c| {
+        let found = Found {
+            refs: std::mem::take(&mut c.refs),
+            fds: std::mem::take(&mut c.fds),
+            blobs: std::mem::take(&mut c.blobs),
+        };
+        match outer {
+            Some(outer) => *c = outer,
+            None => c.active = false,
+        }
+        found
+    });
     let out = match result {
-        Ok(()) => build(
-            &mut buf,
-            Found {
-                refs: ctx.refs,
-                fds: ctx.fds,
-                blobs: ctx.blobs.unwrap_or_default(),
-            },
-        ),
+        Ok(()) => build(&mut buf, found),
         Err(e) => Err(e),
     };
     if buf.capacity() <= SCRATCH_KEEP {
@@ -253,6 +304,13 @@ pub(crate) fn decode<T: DeserializeOwned>(
     fds: Vec<OwnedFd>,
     blobs: Vec<Bytes>,
 ) -> Result<T, RemoteError> {
+    // The usual message carries none of these: no context to set up
+    // unless one is set already (a decode inside another's), which must
+    // not show through.
+    if refs.is_empty() && fds.is_empty() && blobs.is_empty() && IN.with(|c| c.borrow().is_none()) {
+        let _bare = BareDecode(IN_BARE.replace(true));
+        return codec::decode(bytes);
+    }
     let saved = IN.with(|c| {
         c.borrow_mut().replace(InCtx {
             refs,
@@ -268,20 +326,20 @@ pub(crate) fn decode<T: DeserializeOwned>(
 
 /// Appends a reference to the message being encoded; returns its index.
 pub(crate) fn push_ref<S: Serializer>(r: OutRef) -> Result<u32, S::Error> {
-    OUT.with(|c| match c.borrow_mut().as_mut() {
-        Some(ctx) => {
-            ctx.refs.push(r);
-            Ok((ctx.refs.len() - 1) as u32)
+    OUT.with_borrow_mut(|ctx| {
+        if !ctx.active {
+            return Err(S::Error::custom(
+                "a RemoteAddr can only be serialized by Courier, inside a message it sends",
+            ));
         }
-        None => Err(S::Error::custom(
-            "a RemoteAddr can only be serialized by Courier, inside a message it sends",
-        )),
+        ctx.refs.push(r);
+        Ok((ctx.refs.len() - 1) as u32)
     })
 }
 
 /// Takes the reference at `index` from the message being decoded.
 pub(crate) fn take_ref<'de, D: Deserializer<'de>>(index: u32) -> Result<Resolved, D::Error> {
-    IN.with(|c| match c.borrow().as_ref() {
+    with_in(|ctx| match ctx {
         Some(ctx) => ctx.refs.get(index as usize).cloned().ok_or_else(|| {
             D::Error::custom(format!(
                 "reference index {index} is out of range ({} references came with the message)",
@@ -322,14 +380,14 @@ impl Serialize for Fd {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let dup = rustix::io::fcntl_dupfd_cloexec(self.0.as_fd(), 0)
             .map_err(|e| S::Error::custom(format!("could not duplicate descriptor: {e}")))?;
-        let index = OUT.with(|c| match c.borrow_mut().as_mut() {
-            Some(ctx) => {
-                ctx.fds.push(dup);
-                Ok((ctx.fds.len() - 1) as u32)
+        let index = OUT.with_borrow_mut(|ctx| {
+            if !ctx.active {
+                return Err(S::Error::custom(
+                    "an Fd can only be serialized by Courier, inside a message it sends",
+                ));
             }
-            None => Err(S::Error::custom(
-                "an Fd can only be serialized by Courier, inside a message it sends",
-            )),
+            ctx.fds.push(dup);
+            Ok((ctx.fds.len() - 1) as u32)
         })?;
         s.serialize_newtype_struct("courier.fd", &index)
     }
@@ -338,7 +396,7 @@ impl Serialize for Fd {
 impl<'de> Deserialize<'de> for Fd {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let index = u32::deserialize(d)?;
-        IN.with(|c| match c.borrow_mut().as_mut() {
+        with_in(|ctx| match ctx {
             Some(ctx) => ctx
                 .fds
                 .get_mut(index as usize)
@@ -429,16 +487,17 @@ impl Serialize for Blob {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         // Beside the payload when Courier encodes a message for a peer
         // that takes blobs: the payload holds the blob's index.
-        let index = OUT.with(|c| {
-            let mut c = c.borrow_mut();
-            let blobs = c.as_mut()?.blobs.as_mut()?;
+        let index = OUT.with_borrow_mut(|c| {
+            if !c.active || !c.blobs_ok {
+                return None;
+            }
             // Checked before adding: the count must fit its 16-bit field
             // even if a caller's `Serialize` swallowed this error.
-            if blobs.len() >= courier_runtime::wire::MAX_BLOBS {
+            if c.blobs.len() >= courier_runtime::wire::MAX_BLOBS {
                 return Some(None);
             }
-            blobs.push(self.0.clone());
-            Some(Some((blobs.len() - 1) as u64))
+            c.blobs.push(self.0.clone());
+            Some(Some((c.blobs.len() - 1) as u64))
         });
         match index {
             Some(Some(i)) => s.serialize_u64(i),
@@ -456,7 +515,7 @@ impl<'de> Deserialize<'de> for Blob {
         // Inside a message Courier decodes, the value is an index or (from
         // a peer without blobs) a byte string; elsewhere a byte string, so
         // formats that are not self-describing work too.
-        if IN.with(|c| c.borrow().is_some()) {
+        if with_in(|ctx| ctx.is_some()) {
             d.deserialize_any(BlobVisitor)
         } else {
             d.deserialize_byte_buf(BlobVisitor)
@@ -478,7 +537,7 @@ impl<'de> serde::de::Visitor<'de> for BlobVisitor {
     }
 
     fn visit_u64<E: serde::de::Error>(self, index: u64) -> Result<Blob, E> {
-        IN.with(|c| match c.borrow().as_ref() {
+        with_in(|ctx| match ctx {
             Some(ctx) => usize::try_from(index)
                 .ok()
                 .and_then(|i| ctx.blobs.get(i))
