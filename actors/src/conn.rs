@@ -543,7 +543,11 @@ impl std::task::Wake for InboundWake {
                 self.again.store(true, Ordering::Relaxed);
                 return;
             }
-            if !std::thread::panicking() {
+            // Only from inside a task's poll (an actor answering): not
+            // from the runtime's own timer or I/O wakes, which run outside
+            // any task (and outside the arbiter's `LocalSet`), nor while
+            // the thread unwinds.
+            if !std::thread::panicking() && tokio::task::try_id().is_some() {
                 if let Some(cell) = self.cell.upgrade() {
                     if let Ok(mut d) = cell.driver.try_lock() {
                         // A panic here is the driver's, not the actor's

@@ -346,10 +346,10 @@ impl<A: Actor> ExportEntry<A> {
     }
 }
 
-/// How often, and how many times, a call that got no answer from an actor
-/// whose mailbox is still open looks again before it is told "dropped"
-/// (see the handler's closed branch): about 20 ms in all.
-const STOP_CHECKS: usize = 20;
+/// How long, and how often, a call that got no answer from an actor whose
+/// mailbox is still open looks again before it is told "dropped" (see
+/// [`answer_closed`]).
+const STOP_WAIT: std::time::Duration = std::time::Duration::from_millis(200);
 const STOP_CHECK_EVERY: std::time::Duration = std::time::Duration::from_millis(1);
 
 /// What a call whose actor's mailbox closed is told (see
@@ -462,9 +462,10 @@ where
                 }
             };
         };
-        let request = entry.with_addr(|addr| addr.send(msg));
-        // Which actor it went to (`with_addr` restarts a dead one first).
-        let sent_to = entry.restarts.load(Ordering::Relaxed);
+        // Which actor it went to: `with_addr` restarts a dead one first,
+        // under the lock restarts take.
+        let (request, sent_to) =
+            entry.with_addr(|addr| (addr.send(msg), entry.restarts.load(Ordering::Relaxed)));
         let entry = entry.clone();
         let guard = InflightGuard::new(conn);
         Dispatch::Pending(Box::pin(
@@ -504,12 +505,13 @@ async fn answer_closed<A: Actor>(
     let mut runs = panic.is_none() && entry.still_runs(sent_to);
     // An actor panicking on a thread of its own drops the call before its
     // mailbox closes: a moment for that, bounded.
-    for _ in 0..STOP_CHECKS {
-        if !runs {
-            break;
-        }
+    let deadline = tokio::time::Instant::now() + STOP_WAIT;
+    while runs && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(STOP_CHECK_EVERY).await;
         runs = entry.still_runs(sent_to);
+    }
+    if crate::conn::replying_inline() {
+        crate::conn::defer_to_task().await;
     }
     match entry.stop_failure(type_name, panic, runs) {
         Stopped::Failure(mut failure, bt) => {

@@ -163,6 +163,46 @@ fn an_actor_on_another_thread_answers_calls() {
     });
 }
 
+/// A supervised export started on an arbiter of its own: its panic is not
+/// seen on the connection's thread, so the call gets a "stopped" failure
+/// once the mailbox has closed, and the actor is started again (on the
+/// connection's thread) under the same reference.
+#[test]
+fn a_supervised_actor_on_another_thread_that_panics_is_restarted() {
+    run(async {
+        tokio::time::timeout(WAIT * 3, async {
+            let server = node(Some("tcp://127.0.0.1:0")).await;
+            let arbiter = Arbiter::new();
+            let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+            let on_arbiter = server.clone();
+            assert!(arbiter.spawn(async move {
+                let exported = on_arbiter
+                    .export_supervised(Counter::default)
+                    .handles::<Add>()
+                    .handles::<Crash>()
+                    .register("far")
+                    .is_ok();
+                let _ = done_tx.send(exported);
+            }));
+            assert!(done_rx.await.unwrap(), "exported");
+            let addr = server.local_addrs()[0].to_string();
+            let client = node(None).await;
+            let far = client.lookup::<Counter>(&addr, "far").await.unwrap();
+            assert_eq!(far.send(Add(2)).await.unwrap(), Ok(2));
+            let e = far.send(Crash).await.unwrap_err();
+            assert!(
+                matches!(&e, RemoteError::Remote(f) if f.type_name == "stopped"),
+                "{e}"
+            );
+            // A fresh actor, the same reference.
+            assert_eq!(far.send(Add(1)).await.unwrap(), Ok(1));
+            arbiter.stop();
+        })
+        .await
+        .expect("answered in time");
+    });
+}
+
 /// An actor that stops itself: calls already in its mailbox get a
 /// failure saying so (not a panic), and the supervised export is started
 /// again under the same id.
