@@ -684,24 +684,29 @@ impl Driver {
         // driver's task (a task switch per round trip). Calls made while
         // others are in flight, and one-way messages, still gather for one
         // write per poll.
-        let mut written = false;
-        if drained && is_call && self.pending.len() == 1 && self.outq.len() == 1 {
-            // With the task's waker: a socket that takes only part wakes
-            // the task when it has room, and an error is the task's to
-            // handle on its next poll.
-            match self.poll_write(&mut cx) {
-                Ok(_) => written = self.outq.is_empty(),
-                Err(_) => wake = true,
-            }
-        }
-        if !written {
-            wake |= self.schedule_flush();
-        }
+        let alone = drained && is_call && self.pending.len() == 1 && self.outq.len() == 1;
+        wake |= self.write_or_schedule(alone, &waker);
         if wake || self.link_done || self.session.is_closed() {
             waker.wake_by_ref();
         }
         self.task_waker = Some(waker);
         result
+    }
+
+    /// After work handed in directly: writes at once when `now` (nobody
+    /// will add to this write), else notes that the task is to write what
+    /// gathers. With the task's waker: a socket that takes only part
+    /// wakes the task when it has room, and an error is the task's to
+    /// handle on its next poll. True when the task is to be woken.
+    fn write_or_schedule(&mut self, now: bool, task_waker: &Waker) -> bool {
+        if now {
+            match self.poll_write(&mut Context::from_waker(task_waker)) {
+                Ok(_) if self.outq.is_empty() => return false,
+                Ok(_) => {}
+                Err(_) => return true,
+            }
+        }
+        self.schedule_flush()
     }
 
     /// Takes the reply of the one inbound call being handled and writes
@@ -730,17 +735,8 @@ impl Driver {
             self.on_event(ev, &mut None);
         }
         if replied {
-            let mut written = false;
-            if self.inbound.is_empty() && !self.write_blocked {
-                // With the task's waker, as in `send_inline`.
-                match self.poll_write(&mut Context::from_waker(&task_waker)) {
-                    Ok(_) => written = self.outq.is_empty(),
-                    Err(_) => wake = true,
-                }
-            }
-            if !written {
-                wake |= self.schedule_flush();
-            }
+            let alone = self.inbound.is_empty() && !self.write_blocked;
+            wake |= self.write_or_schedule(alone, &task_waker);
         }
         if wake || self.link_done || self.session.is_closed() {
             task_waker.wake_by_ref();
