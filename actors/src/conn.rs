@@ -675,9 +675,7 @@ impl Driver {
             // the queue behind them.
             Err(NotInline::Queue(cmd))
         };
-        while let Some(ev) = self.session.poll_event() {
-            self.on_event(ev, &mut None);
-        }
+        self.handle_events();
         wake |= !drained;
         // The only call in flight, alone in the queue: nobody will add to
         // this write, so it goes out now rather than after a poll of the
@@ -731,9 +729,7 @@ impl Driver {
             let _inline = ReplyingInline::enter();
             self.poll_inbound(&mut Context::from_waker(&task_waker), true)
         };
-        while let Some(ev) = self.session.poll_event() {
-            self.on_event(ev, &mut None);
-        }
+        self.handle_events();
         if replied {
             let alone = self.inbound.is_empty() && !self.write_blocked;
             wake |= self.write_or_schedule(alone, &task_waker);
@@ -872,9 +868,7 @@ impl Driver {
                 // the peer would find the next frame out of sequence, so
                 // the link is given up, as when `start_send` refuses.
                 self.link_failed(&e);
-                while let Some(ev) = self.session.poll_event() {
-                    self.on_event(ev, &mut None);
-                }
+                self.handle_events();
                 true
             }
         };
@@ -884,6 +878,14 @@ impl Driver {
             }
         }
         built
+    }
+
+    /// Handles what the session has to say (events that carry no
+    /// descriptors).
+    fn handle_events(&mut self) {
+        while let Some(ev) = self.session.poll_event() {
+            self.on_event(ev, &mut None);
+        }
     }
 
     /// The link failed with `e`: nothing more is read or written, and the
@@ -1049,9 +1051,7 @@ impl Driver {
             debug!(remote = %self.remote, "handshake evicted: too many connections in the handshake");
             self.eviction = None;
             self.session.evict();
-            while let Some(ev) = self.session.poll_event() {
-                self.on_event(ev, &mut None);
-            }
+            self.handle_events();
             return;
         }
         *ev.waker.lock().expect("not poisoned") = Some(cx.waker().clone());
@@ -1552,9 +1552,7 @@ impl Future for Driver {
                         break;
                     }
                 }
-                while let Some(ev) = this.session.poll_event() {
-                    this.on_event(ev, &mut None);
-                }
+                this.handle_events();
             }
 
             // Deliveries, including any just started (a new future is
@@ -1628,18 +1626,14 @@ impl Future for Driver {
                         break;
                     }
                 }
-                while let Some(ev) = this.session.poll_event() {
-                    this.on_event(ev, &mut None);
-                }
+                this.handle_events();
             }
 
             // Frames out.
             if !this.link_done {
                 if let Err(e) = this.poll_write(cx) {
                     this.link_failed(&e);
-                    while let Some(ev) = this.session.poll_event() {
-                        this.on_event(ev, &mut None);
-                    }
+                    this.handle_events();
                     again = true;
                 }
             }
@@ -1667,9 +1661,7 @@ impl Future for Driver {
                         this.timer_waiting = Waiting::No;
                         this.timer_at = None;
                         this.session.handle_timeout(now());
-                        while let Some(ev) = this.session.poll_event() {
-                            this.on_event(ev, &mut None);
-                        }
+                        this.handle_events();
                         again = true;
                     } else {
                         this.timer_waiting = Waiting::after_pending(budget);
@@ -1730,9 +1722,7 @@ impl Drop for Driver {
         let _entered = span.enter();
         if !self.session.is_closed() {
             self.session.handle_link_lost("the node is shutting down");
-            while let Some(ev) = self.session.poll_event() {
-                self.on_event(ev, &mut None);
-            }
+            self.handle_events();
         }
         self.flush_counts();
     }

@@ -498,6 +498,8 @@ async fn answer_closed<A: Actor>(
     sent_to: u64,
     type_name: &'static str,
 ) -> Command {
+    // From here on in the driver's task: the waker writes only answers,
+    // and the timer that wakes the wait below never runs it inline.
     if crate::conn::replying_inline() {
         crate::conn::defer_to_task().await;
     }
@@ -509,9 +511,6 @@ async fn answer_closed<A: Actor>(
     while runs && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(STOP_CHECK_EVERY).await;
         runs = entry.still_runs(sent_to);
-    }
-    if crate::conn::replying_inline() {
-        crate::conn::defer_to_task().await;
     }
     match entry.stop_failure(type_name, panic, runs) {
         Stopped::Failure(mut failure, bt) => {

@@ -307,7 +307,7 @@ pub(crate) fn decode<T: DeserializeOwned>(
     // The usual message carries none of these: no context to set up
     // unless one is set already (a decode inside another's), which must
     // not show through.
-    if refs.is_empty() && fds.is_empty() && blobs.is_empty() && IN.with(|c| c.borrow().is_none()) {
+    if refs.is_empty() && fds.is_empty() && blobs.is_empty() && IN.with_borrow(Option::is_none) {
         let _bare = BareDecode(IN_BARE.replace(true));
         return codec::decode(bytes);
     }

@@ -606,23 +606,17 @@ where
                 // As through a connection: a panic this thread saw is a
                 // "panic" failure, any other stop a "stopped" one.
                 MailboxError::Closed => {
-                    RemoteError::Remote(match crate::export::take_last_panic() {
-                        Some(_) => RemoteFailure {
-                            type_name: "panic".into(),
-                            message: format!(
-                                "the handler of {} panicked (it is restarted if supervised)",
-                                M::TYPE
-                            ),
-                            backtrace: None,
-                        },
-                        None => RemoteFailure {
-                            type_name: "stopped".into(),
-                            message: format!(
-                            "the actor stopped before answering {} (it is restarted if supervised)",
-                            M::TYPE
+                    let (type_name, what) = match crate::export::take_last_panic() {
+                        Some(_) => ("panic", format!("the handler of {} panicked", M::TYPE)),
+                        None => (
+                            "stopped",
+                            format!("the actor stopped before answering {}", M::TYPE),
                         ),
-                            backtrace: None,
-                        },
+                    };
+                    RemoteError::Remote(RemoteFailure {
+                        type_name: type_name.into(),
+                        message: format!("{what} (it is restarted if supervised)"),
+                        backtrace: None,
                     })
                 }
                 MailboxError::Timeout => RemoteError::Timeout {
