@@ -318,9 +318,6 @@ struct Import {
     live: bool,
     lent: u64,
     acquiring: bool,
-    /// The owner answered an acquire with "gone": the entry is kept only
-    /// for the loans made from it, and counts nothing at the owner.
-    gone: bool,
     waiting_unlends: Vec<(NodeId, u64)>,
 }
 
@@ -373,7 +370,6 @@ impl Imports {
         let new = !e.live;
         e.received += 1;
         e.live = true;
-        e.gone = false;
         new
     }
 
@@ -381,12 +377,13 @@ impl Imports {
     /// `token`.
     pub fn receive_third_party(&mut self, actor: ActorId, lender: NodeId, token: u64) -> HandOff {
         match self.entries.get_mut(&actor) {
-            // An entry the owner said is gone counts nothing there: joining
-            // it would take a dead actor for a live one (found by the
-            // three-node property test). Ask the owner, as for a first
-            // hand-off; its answer makes the new handle live or dead.
-            Some(e) if e.gone => {
-                e.gone = false;
+            // An entry that counts nothing at the owner and asks nothing of
+            // it is one the owner said is gone, kept for the loans made
+            // from it: joining it would take a dead actor for a live one
+            // (found by the three-node property test). Ask the owner, as
+            // for a first hand-off; its answer makes the new handle live
+            // or dead.
+            Some(e) if e.received == 0 && !e.acquiring => {
                 e.live = true;
                 e.acquiring = true;
                 e.waiting_unlends.push((lender, token));
@@ -436,7 +433,6 @@ impl Imports {
             // Nothing to release: the owner counted nothing for us. Loans
             // made from this entry stay valid until settled.
             e.live = false;
-            e.gone = true;
             if e.lent == 0 {
                 self.entries.remove(&actor);
             }
