@@ -702,8 +702,9 @@ struct Outbox {
     queued: usize,
 }
 
-/// Room made for a frame built in place (see `begin_frame`).
-const IN_PLACE_ROOM: usize = 512;
+/// Room made for a frame built in place (see `begin_frame`; QUIC's batch
+/// keeps as much room for one).
+pub(crate) const IN_PLACE_ROOM: usize = 512;
 
 /// Smallest and largest block small frames are coalesced in.
 const TAIL_BLOCK_MIN: usize = 1024;

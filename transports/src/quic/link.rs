@@ -12,6 +12,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use courier_runtime::frame::PREFIX_LEN;
 use courier_runtime::transport::{BoxFut, Frame, Link, LinkCaps, TransportError};
 use quinn::{Connection, ConnectionError, Endpoint, ReadError, RecvStream, VarInt, WriteError};
 use tokio::sync::oneshot;
@@ -33,8 +34,12 @@ const KIND_BATCH: u8 = 4;
 const BATCH_MAX_BYTES: usize = crate::stream::COALESCE_MAX;
 /// Frames in one batch, at most.
 const BATCH_MAX_FRAMES: usize = 64;
-/// Room a frame built in place is expected to need (see `begin_frame`).
-const IN_PLACE_ROOM: usize = 256;
+
+/// Bytes a batch may hold: never more than one frame's limit (`max`), so
+/// the peer reads it whole under the limit it applies to a stream.
+fn batch_room(max: usize) -> usize {
+    BATCH_MAX_BYTES.min(max)
+}
 /// Small frames held back while an earlier one is still arriving: at this
 /// many, no new stream is accepted. The streams already being read may
 /// add up to `recv_concurrency` batches more; a peer that goes past that
@@ -235,12 +240,30 @@ impl QuicLink {
     /// more frame. A batch never holds more than one frame's limit (`max`),
     /// so the peer reads it whole under the limit it applies to a stream.
     fn seal_batch_unless_room(&mut self, need: usize, max: usize) {
-        let room = BATCH_MAX_BYTES.min(max);
         if self.batch_count > 0
-            && (self.batch.len() + need > room || self.batch_count >= BATCH_MAX_FRAMES)
+            && (self.batch.len() + need > batch_room(max) || self.batch_count >= BATCH_MAX_FRAMES)
         {
             self.seal_batch();
         }
+    }
+
+    /// Counts a small frame just added to the batch.
+    fn note_small(&mut self) {
+        if self.batch_count == 0 {
+            self.batch_first = self.small_sent;
+        }
+        self.batch_count += 1;
+        self.small_sent += 1;
+        self.frames_sent += 1;
+    }
+
+    /// Sends a large frame on a stream of its own, after the small frames
+    /// before it.
+    fn send_large(&mut self, body: Bytes) {
+        let len = body.len();
+        self.seal_batch();
+        self.push_op(Bytes::from_static(&FRAME_HEAD), body, 0, len + 1);
+        self.frames_sent += 1;
     }
 
     fn over_budget(&self) -> bool {
@@ -308,25 +331,16 @@ impl Link for QuicLink {
         if len > max {
             return Err(TransportError::TooLarge { len, max });
         }
-        let small = len <= crate::stream::COALESCE_MAX;
-        if small {
-            let need = 4 + len;
+        if len <= crate::stream::COALESCE_MAX {
+            let need = PREFIX_LEN + len;
             self.seal_batch_unless_room(need, max);
-            if self.batch_count == 0 {
-                self.batch_first = self.small_sent;
-            }
             self.batch.reserve(need);
             self.batch.extend_from_slice(&(len as u32).to_be_bytes());
             self.batch.extend_from_slice(&frame.payload);
-            self.batch_count += 1;
-            self.small_sent += 1;
-            self.frames_sent += 1;
+            self.note_small();
             return Ok(());
         }
-        // Earlier small frames go out first.
-        self.seal_batch();
-        self.push_op(Bytes::from_static(&FRAME_HEAD), frame.payload, 0, len + 1);
-        self.frames_sent += 1;
+        self.send_large(frame.payload);
         Ok(())
     }
 
@@ -336,9 +350,12 @@ impl Link for QuicLink {
             return false;
         }
         // A batch with little room left goes out first.
-        self.seal_batch_unless_room(4 + IN_PLACE_ROOM, self.max_now.load(Ordering::Relaxed));
+        self.seal_batch_unless_room(
+            PREFIX_LEN + crate::stream::IN_PLACE_ROOM,
+            self.max_now.load(Ordering::Relaxed),
+        );
         self.frame_start = Some(self.batch.len());
-        self.batch.extend_from_slice(&[0; 4]);
+        self.batch.extend_from_slice(&[0; PREFIX_LEN]);
         true
     }
 
@@ -350,7 +367,7 @@ impl Link for QuicLink {
         let Some(start) = self.frame_start.take() else {
             return Err(TransportError::Closed);
         };
-        let len = self.batch.len() - start - 4;
+        let len = self.batch.len() - start - PREFIX_LEN;
         let max = self.max_now.load(Ordering::Relaxed);
         if !keep || len > max {
             self.batch.truncate(start);
@@ -363,28 +380,21 @@ impl Link for QuicLink {
         if len > crate::stream::COALESCE_MAX {
             // Too large for a batch after all: on a stream of its own, as
             // `start_send` sends it, after the small frames before it.
-            let body = self.batch.split_off(start + 4).freeze();
+            let body = self.batch.split_off(start + PREFIX_LEN).freeze();
             self.batch.truncate(start);
-            self.seal_batch();
-            self.push_op(Bytes::from_static(&FRAME_HEAD), body, 0, len + 1);
-            self.frames_sent += 1;
+            self.send_large(body);
             return Ok(());
         }
-        if self.batch_count > 0 && start + 4 + len > BATCH_MAX_BYTES.min(max) {
+        if self.batch_count > 0 && start + PREFIX_LEN + len > batch_room(max) {
             // Over the batch's limit: the frames before it go first, and
             // it starts the next batch.
             let this = self.batch.split_off(start);
             self.seal_batch();
             self.batch = this;
         }
-        let at = self.batch.len() - len - 4;
-        self.batch[at..at + 4].copy_from_slice(&(len as u32).to_be_bytes());
-        if self.batch_count == 0 {
-            self.batch_first = self.small_sent;
-        }
-        self.batch_count += 1;
-        self.small_sent += 1;
-        self.frames_sent += 1;
+        let at = self.batch.len() - len - PREFIX_LEN;
+        self.batch[at..at + PREFIX_LEN].copy_from_slice(&(len as u32).to_be_bytes());
+        self.note_small();
         Ok(())
     }
 
@@ -875,11 +885,11 @@ fn parse_batch(body: &Bytes) -> Result<Incoming, TransportError> {
         if frames.len() == BATCH_MAX_FRAMES {
             return Err(bad("holds too many frames"));
         }
-        let Some(prefix) = body.get(at..at + 4) else {
+        let Some(prefix) = body.get(at..at + PREFIX_LEN) else {
             return Err(bad("ends inside a length"));
         };
         let len = u32::from_be_bytes([prefix[0], prefix[1], prefix[2], prefix[3]]) as usize;
-        at += 4;
+        at += PREFIX_LEN;
         if len > body.len() - at {
             return Err(bad("ends inside a frame"));
         }
