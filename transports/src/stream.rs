@@ -285,14 +285,7 @@ impl<S: RawStream> StreamLink<S> {
     /// The length prefix of a frame whose payload is `len` bytes, or
     /// `TooLarge`.
     fn prefix(&self, len: usize) -> Result<[u8; PREFIX_LEN], TransportError> {
-        Self::prefix_for(len, self.header_len(), self.max_now)
-    }
-
-    fn prefix_for(
-        len: usize,
-        header: usize,
-        max: usize,
-    ) -> Result<[u8; PREFIX_LEN], TransportError> {
+        let (header, max) = (self.header_len(), self.max_now);
         frame::encode_prefix(len + header, max + header)
             .map_err(|_| TransportError::TooLarge { len, max })
     }
@@ -556,20 +549,19 @@ impl<S: RawStream> Link for StreamLink<S> {
             return Err(TransportError::Closed);
         };
         let header = self.header_len();
-        let tail = &mut self.outbox.tail;
-        let len = tail.len() - start - PREFIX_LEN - header;
+        let len = self.outbox.tail.len() - start - PREFIX_LEN - header;
         if !keep {
-            tail.truncate(start);
+            self.outbox.tail.truncate(start);
             return Ok(());
         }
-        let prefix = match Self::prefix_for(len, header, self.max_now) {
+        let prefix = match self.prefix(len) {
             Ok(p) => p,
             Err(e) => {
-                tail.truncate(start);
+                self.outbox.tail.truncate(start);
                 return Err(e);
             }
         };
-        tail[start..start + PREFIX_LEN].copy_from_slice(&prefix);
+        self.outbox.tail[start..start + PREFIX_LEN].copy_from_slice(&prefix);
         self.outbox.queued += PREFIX_LEN + header + len;
         Ok(())
     }
