@@ -882,6 +882,7 @@ impl Driver {
 
     /// Handles what the session has to say (events that carry no
     /// descriptors).
+    #[inline]
     fn handle_events(&mut self) {
         while let Some(ev) = self.session.poll_event() {
             self.on_event(ev, &mut None);

@@ -699,23 +699,37 @@ fn be64(h: &[u8], at: usize) -> u64 {
     (u64::from(be32(h, at)) << 32) | u64::from(be32(h, at + 4))
 }
 
-fn decode_call(frame: &Bytes) -> Result<Call, DecodeError> {
-    // The fixed header in one bounds check (the layout `encode_call_head`
-    // writes): field by field through `Reader` costs several times more.
-    let Some(h) = frame.first_chunk::<CALL_HEADER_LEN>() else {
-        return Err(DecodeError::Truncated {
-            what: "call header",
-        });
-    };
-    let flags = h[1];
-    let name_len = usize::from(h[2]);
-    let fds = h[3];
-    let n_refs = usize::from(be16(h, 4));
-    let n_blobs = usize::from(be16(h, 6));
-    if flags != 0 {
-        return Err(DecodeError::Invalid { what: "call flags" });
+/// A fixed header of `N` bytes at the frame's start, or `Truncated`.
+fn fixed_head<'a, const N: usize>(
+    frame: &'a [u8],
+    what: &'static str,
+) -> Result<&'a [u8; N], DecodeError> {
+    frame
+        .first_chunk::<N>()
+        .ok_or(DecodeError::Truncated { what })
+}
+
+/// What a call's and a reply's fixed headers share (the layouts
+/// `encode_call_head` and `encode_reply_head` write): no flags, then the
+/// counts of descriptors, references and blobs, and the request id.
+fn common_head(h: &[u8], flags: &'static str) -> Result<(u8, usize, usize, u64), DecodeError> {
+    if h[1] != 0 {
+        return Err(DecodeError::Invalid { what: flags });
     }
-    let request = be64(h, 8);
+    Ok((
+        h[3],
+        usize::from(be16(h, 4)),
+        usize::from(be16(h, 6)),
+        be64(h, 8),
+    ))
+}
+
+fn decode_call(frame: &Bytes) -> Result<Call, DecodeError> {
+    // The fixed header read in place with one bounds check: through
+    // `Reader` (a copy, field by field or whole) costs more per frame.
+    let h = fixed_head::<CALL_HEADER_LEN>(frame, "call header")?;
+    let name_len = usize::from(h[2]);
+    let (fds, n_refs, n_blobs, request) = common_head(h, "call flags")?;
     let incarnation = Incarnation(be64(h, 16));
     let target = LocalId {
         index: be32(h, 24),
@@ -747,22 +761,9 @@ fn decode_call(frame: &Bytes) -> Result<Call, DecodeError> {
 
 fn decode_reply(frame: &Bytes) -> Result<Reply, DecodeError> {
     // One bounds check for the fixed header, as in `decode_call`.
-    let Some(h) = frame.first_chunk::<REPLY_HEADER_LEN>() else {
-        return Err(DecodeError::Truncated {
-            what: "reply header",
-        });
-    };
-    let flags = h[1];
+    let h = fixed_head::<REPLY_HEADER_LEN>(frame, "reply header")?;
     let status = ReplyStatus::from_u8(h[2])?;
-    let fds = h[3];
-    let n_refs = usize::from(be16(h, 4));
-    let n_blobs = usize::from(be16(h, 6));
-    if flags != 0 {
-        return Err(DecodeError::Invalid {
-            what: "reply flags",
-        });
-    }
-    let request = be64(h, 8);
+    let (fds, n_refs, n_blobs, request) = common_head(h, "reply flags")?;
     let mut r = Reader::new(frame, "reply header");
     r.pos = REPLY_HEADER_LEN;
     let refs = decode_refs(&mut r, n_refs)?;
