@@ -311,6 +311,9 @@ pub(crate) fn decode<T: DeserializeOwned>(
         let _bare = BareDecode(IN_BARE.replace(true));
         return codec::decode(bytes);
     }
+    // Decoding takes descriptors out of the context, which a second pass
+    // (the fast decoder's fallback) would find gone: one pass for those.
+    let once = !fds.is_empty();
     let saved = IN.with(|c| {
         c.borrow_mut().replace(InCtx {
             refs,
@@ -318,7 +321,11 @@ pub(crate) fn decode<T: DeserializeOwned>(
             blobs,
         })
     });
-    let result = codec::decode(bytes);
+    let result = if once {
+        codec::decode_once(bytes)
+    } else {
+        codec::decode(bytes)
+    };
     let leftover = IN.with(|c| std::mem::replace(&mut *c.borrow_mut(), saved));
     drop(leftover);
     result

@@ -35,10 +35,29 @@ std::thread_local! {
     static DECODE_SCRATCH: Cell<Option<Box<[u8; DECODE_SCRATCH_LEN]>>> = const { Cell::new(None) };
 }
 
+mod fast;
+
 /// Decodes CBOR bytes as a `T`. Hostile input gives an error, never a
 /// panic; nesting is bounded by ciborium's recursion limit (256, as in
 /// `ciborium::from_reader`).
+///
+/// The common shapes are decoded straight from the slice (see
+/// `codec/fast.rs`); anything else, and every error, is decoded again by
+/// ciborium, whose answer is the one returned. A `Deserialize` impl with
+/// side effects may therefore run twice on input that fails: such values
+/// go through [`decode_once`].
+#[inline]
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, RemoteError> {
+    match fast::decode(bytes) {
+        Some(value) => Ok(value),
+        None => decode_once(bytes),
+    }
+}
+
+/// Decodes CBOR bytes as a `T` with ciborium alone, in one pass: for
+/// values whose decoding has side effects (taking descriptors out of the
+/// message they came with).
+pub fn decode_once<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, RemoteError> {
     let mut scratch = DECODE_SCRATCH
         .take()
         .unwrap_or_else(|| Box::new([0; DECODE_SCRATCH_LEN]));
