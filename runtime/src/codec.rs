@@ -7,12 +7,14 @@ use serde::Serialize;
 
 use crate::error::RemoteError;
 
-/// Encodes `value` as CBOR, appending to `out`.
+/// Encodes `value` as CBOR, appending to `out`: the bytes ciborium's
+/// serializer writes, without its generic writer (see `codec/write.rs`).
+#[inline]
 pub fn encode_into<T: Serialize + ?Sized>(value: &T, out: &mut Vec<u8>) -> Result<(), RemoteError> {
-    ciborium::into_writer(value, out).map_err(|e| RemoteError::Codec {
+    write::encode_into(value, out).map_err(|e| RemoteError::Codec {
         op: "encode",
         type_name: std::any::type_name::<T>().to_owned(),
-        reason: e.to_string(),
+        reason: e.0,
     })
 }
 
@@ -35,20 +37,21 @@ std::thread_local! {
     static DECODE_SCRATCH: Cell<Option<Box<[u8; DECODE_SCRATCH_LEN]>>> = const { Cell::new(None) };
 }
 
-mod fast;
+mod read;
+mod write;
 
 /// Decodes CBOR bytes as a `T`. Hostile input gives an error, never a
 /// panic; nesting is bounded by ciborium's recursion limit (256, as in
 /// `ciborium::from_reader`).
 ///
 /// The common shapes are decoded straight from the slice (see
-/// `codec/fast.rs`); anything else, and every error, is decoded again by
+/// `codec/read.rs`); anything else, and every error, is decoded again by
 /// ciborium, whose answer is the one returned. A `Deserialize` impl with
 /// side effects may therefore run twice on input that fails: such values
 /// go through [`decode_once`].
 #[inline]
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, RemoteError> {
-    match fast::decode(bytes) {
+    match read::decode(bytes) {
         Some(value) => Ok(value),
         None => decode_once(bytes),
     }
