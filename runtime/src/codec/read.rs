@@ -81,7 +81,7 @@ type Result<T> = std::result::Result<T, GiveUp>;
 
 impl<'de> SliceDecoder<'de> {
     /// Reads one head.
-    #[inline]
+    #[inline(always)]
     fn head(&mut self) -> Result<Head> {
         let (&first, rest) = self.input.split_first().ok_or(GiveUp)?;
         let info = first & 0x1f;
