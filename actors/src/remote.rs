@@ -73,24 +73,33 @@ impl Imported {
         }
     }
 
+    /// The connection to the owner if there is one (or why the reference
+    /// is dead); `None` when it must be made first ([`Self::connection`]).
+    pub fn connected(&self) -> Option<Result<(Arc<NodeShared>, ConnHandle), RemoteError>> {
+        if let Some(r) = self.dead_reason() {
+            return Some(Err(self.dead_error(r)));
+        }
+        let Some(node) = self.node.upgrade() else {
+            return Some(Err(self.dead_error(DeadReason::NodeUnreachable)));
+        };
+        let c = self.conn.lock().expect("not poisoned").clone()?;
+        if c.is_closed() {
+            self.mark_dead(DeadReason::NodeUnreachable);
+            return Some(Err(self.dead_error(DeadReason::NodeUnreachable)));
+        }
+        Some(Ok((node, c)))
+    }
+
     /// The connection to the owner, made if needed (for a reference handed
     /// over by a third node).
     pub async fn connection(&self) -> Result<(Arc<NodeShared>, ConnHandle), RemoteError> {
-        if let Some(r) = self.dead_reason() {
-            return Err(self.dead_error(r));
+        if let Some(known) = self.connected() {
+            return known;
         }
         let node = self
             .node
             .upgrade()
             .ok_or(self.dead_error(DeadReason::NodeUnreachable))?;
-        let existing = self.conn.lock().expect("not poisoned").clone();
-        if let Some(c) = existing {
-            if c.is_closed() {
-                self.mark_dead(DeadReason::NodeUnreachable);
-                return Err(self.dead_error(DeadReason::NodeUnreachable));
-            }
-            return Ok((node, c));
-        }
         let c = node.connect_node(self.id.node, &self.owner_addr).await?;
         if c.0.peer.incarnation != self.id.incarnation {
             self.mark_dead(DeadReason::OldIncarnation);
@@ -254,37 +263,32 @@ impl<A: Actor> RemoteAddr<A> {
             Target::Local(entry, _) => CallInner::Local {
                 req: entry.with_addr(|a| a.send(msg)),
             },
-            Target::Remote(imp) => {
-                let imp = imp.clone();
-                CallInner::Remote {
-                    fut: Box::pin(async move {
-                        let (node, conn) = imp.connection().await?;
-                        let (frame, fds, hold) = build_frame(
-                            &node,
-                            &conn,
-                            imp.id,
-                            M::TYPE.as_str(),
-                            courier_runtime::wire::REQUEST_TO_ASSIGN,
-                            &msg,
-                        )?;
-                        drop(msg);
-                        let (tx, rx) = oneshot::channel();
-                        let cmd = Command::CallFrame {
-                            target: imp.id,
-                            type_name: M::TYPE.as_str(),
-                            frame,
-                            fds,
-                            hold,
-                            reply: tx,
-                        };
-                        if let Err(back) = conn.send_inline(cmd) {
-                            conn.send(back.into_command()).await?;
-                        }
-                        let reply = rx.await.map_err(|_| conn.lost())??;
-                        decode_reply::<M::Result>(reply, &imp, M::TYPE.as_str())
-                    }),
+            Target::Remote(imp) => match imp.connected() {
+                // Connected (the usual case): the call goes now, as actix's
+                // `Addr::send` queues at once, and the future only waits
+                // for the reply: no future of ours to allocate.
+                Some(Ok((node, conn))) => start_call(&node, conn, imp, msg),
+                Some(Err(e)) => CallInner::Failed { error: Some(e) },
+                // A reference handed over by a third node: connect first.
+                None => {
+                    let imp = imp.clone();
+                    CallInner::Remote {
+                        fut: Box::pin(async move {
+                            let (node, conn) = imp.connection().await?;
+                            match start_call::<A, M>(&node, conn, &imp, msg) {
+                                CallInner::Remote { fut } => fut.await,
+                                CallInner::Waiting { rx, conn, imp } => {
+                                    wait_reply::<M>(rx.await, &conn, &imp)
+                                }
+                                CallInner::Failed { error } => {
+                                    Err(error.expect("a call fails once"))
+                                }
+                                CallInner::Local { .. } => unreachable!("a remote call"),
+                            }
+                        }),
+                    }
                 }
-            }
+            },
         };
         Call { inner }
     }
@@ -456,6 +460,74 @@ fn check_fds(conn: &ConnHandle, n: usize) -> Result<(), RemoteError> {
     Ok(())
 }
 
+/// Sends a call to the remote actor `imp` over `conn`: written at once
+/// when the caller is on the connection's thread (see
+/// [`ConnHandle::send_inline`]), else queued by a boxed future that also
+/// waits. Either way what is left is to wait for the reply.
+fn start_call<A, M>(
+    node: &NodeShared,
+    conn: ConnHandle,
+    imp: &Arc<Imported>,
+    msg: M,
+) -> CallInner<A, M>
+where
+    A: Handler<M>,
+    A::Context: ToEnvelope<A, M>,
+    M: RemoteMessage,
+    M::Result: RemoteReply,
+{
+    let (frame, fds, hold) = match build_frame(
+        node,
+        &conn,
+        imp.id,
+        M::TYPE.as_str(),
+        courier_runtime::wire::REQUEST_TO_ASSIGN,
+        &msg,
+    ) {
+        Ok(built) => built,
+        Err(e) => return CallInner::Failed { error: Some(e) },
+    };
+    drop(msg);
+    let (tx, rx) = oneshot::channel();
+    let cmd = Command::CallFrame {
+        target: imp.id,
+        type_name: M::TYPE.as_str(),
+        frame,
+        fds,
+        hold,
+        reply: tx,
+    };
+    match conn.send_inline(cmd) {
+        Ok(()) => CallInner::Waiting {
+            rx,
+            conn,
+            imp: imp.clone(),
+        },
+        Err(back) => {
+            let imp = imp.clone();
+            CallInner::Remote {
+                fut: Box::pin(async move {
+                    conn.send(back.into_command()).await?;
+                    wait_reply::<M>(rx.await, &conn, &imp)
+                }),
+            }
+        }
+    }
+}
+
+/// What a call's reply (or the end of its wait) means to the caller.
+fn wait_reply<M: RemoteMessage>(
+    got: Result<Result<ReplyIn, RemoteError>, oneshot::error::RecvError>,
+    conn: &ConnHandle,
+    imp: &Imported,
+) -> Result<M::Result, RemoteError>
+where
+    M::Result: RemoteReply,
+{
+    let reply = got.map_err(|_| conn.lost())??;
+    decode_reply::<M::Result>(reply, imp, M::TYPE.as_str())
+}
+
 pub(crate) fn decode_reply<R: RemoteReply>(
     reply: ReplyIn,
     imp: &Imported,
@@ -508,7 +580,7 @@ pin_project! {
     /// is erased there). The one `RemoteAddr::send` makes is not `Unpin`
     /// (it holds actix's request in place): to poll it by reference, in
     /// `tokio::select!` say, pin it first (`tokio::pin!` or `Box::pin`).
-    #[must_use = "a request does nothing unless awaited"]
+    #[must_use = "a request's reply is lost unless awaited"]
     pub struct Request<R, F = BoxFuture<R>> {
         #[pin]
         fut: F,
@@ -585,6 +657,16 @@ pin_project! {
             #[pin]
             req: actix::dev::Request<A, M>,
         },
+        /// Sent; waiting for the reply.
+        Waiting {
+            rx: oneshot::Receiver<Result<ReplyIn, RemoteError>>,
+            conn: ConnHandle,
+            imp: Arc<Imported>,
+        },
+        /// Failed before anything was sent.
+        Failed {
+            error: Option<RemoteError>,
+        },
         Remote {
             fut: BoxFuture<M::Result>,
         },
@@ -623,6 +705,12 @@ where
                     after: Duration::ZERO,
                 },
             }),
+            CallProj::Waiting { rx, conn, imp } => Pin::new(rx)
+                .poll(cx)
+                .map(|got| wait_reply::<M>(got, conn, imp)),
+            CallProj::Failed { error } => Poll::Ready(Err(error
+                .take()
+                .expect("a call's future polled after it ended"))),
             CallProj::Remote { fut } => fut.as_mut().poll(cx),
         }
     }
