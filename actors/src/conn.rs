@@ -208,6 +208,20 @@ impl ConnHandle {
         d.cast_in_place(target, encode)
     }
 
+    /// Queues a command without waiting; a full queue gives it back
+    /// (`Ok(Err(cmd))`), to be queued with [`Self::send`].
+    #[allow(clippy::result_large_err)]
+    pub fn try_queue(&self, cmd: Command) -> Result<Result<(), Command>, RemoteError> {
+        if self.is_closed() {
+            return Err(self.lost());
+        }
+        match self.0.tx.try_send(cmd) {
+            Ok(()) => Ok(Ok(())),
+            Err(mpsc::error::TrySendError::Full(cmd)) => Ok(Err(cmd)),
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(self.lost()),
+        }
+    }
+
     /// Queues a command without waiting; a full queue is `MailboxFull`.
     pub fn try_send(&self, cmd: Command, actor: ActorId) -> Result<(), RemoteError> {
         if self.is_closed() {

@@ -462,8 +462,9 @@ fn check_fds(conn: &ConnHandle, n: usize) -> Result<(), RemoteError> {
 
 /// Sends a call to the remote actor `imp` over `conn`: written at once
 /// when the caller is on the connection's thread (see
-/// [`ConnHandle::send_inline`]), else queued by a boxed future that also
-/// waits. Either way what is left is to wait for the reply.
+/// [`ConnHandle::send_inline`]), else queued for the connection's driver;
+/// only when that queue is full does a boxed future wait for room. Either
+/// way what is left is to wait for the reply.
 fn start_call<A, M>(
     node: &NodeShared,
     conn: ConnHandle,
@@ -497,17 +498,26 @@ where
         hold,
         reply: tx,
     };
-    match conn.send_inline(cmd) {
+    // Written by this thread, or queued for the connection's; only a full
+    // queue leaves sending to the future.
+    let queued = match conn.send_inline(cmd) {
+        Ok(()) => Ok(()),
+        Err(back) => match conn.try_queue(back.into_command()) {
+            Ok(queued) => queued,
+            Err(e) => return CallInner::Failed { error: Some(e) },
+        },
+    };
+    match queued {
         Ok(()) => CallInner::Waiting {
             rx,
             conn,
             imp: imp.clone(),
         },
-        Err(back) => {
+        Err(cmd) => {
             let imp = imp.clone();
             CallInner::Remote {
                 fut: Box::pin(async move {
-                    conn.send(back.into_command()).await?;
+                    conn.send(cmd).await?;
                     wait_reply::<M>(rx.await, &conn, &imp)
                 }),
             }
@@ -574,7 +584,10 @@ pub(crate) fn decode_reply<R: RemoteReply>(
 type BoxFuture<T> = Pin<Box<dyn Future<Output = Result<T, RemoteError>> + Send>>;
 
 pin_project! {
-    /// A request on its way: await it for the reply. Made by
+    /// A request on its way: await it for the reply. The message went when
+    /// the request was made, as actix's `Addr::send` queues at once (a
+    /// reference still to connect sends once connected); dropping the
+    /// request loses only the reply. Made by
     /// [`RemoteAddr::send`] (whose calls to a local actor allocate nothing
     /// of ours) and [`RemoteRecipient::send`] (boxed, as the actor's type
     /// is erased there). The one `RemoteAddr::send` makes is not `Unpin`

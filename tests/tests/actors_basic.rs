@@ -163,6 +163,48 @@ fn an_actor_on_another_thread_answers_calls() {
     });
 }
 
+/// As with actix's `Addr::send`, a call goes when it is made, not when it
+/// is awaited: calls keep the order they were made in, and one dropped
+/// unawaited is still delivered (its reply is lost). From the connection's
+/// own thread and from another.
+#[test]
+fn a_call_goes_when_it_is_made() {
+    run(async {
+        tokio::time::timeout(WAIT * 3, async {
+            let (_server, client, addr) = server_and_client().await;
+            let counter = client.lookup::<Counter>(&addr, "counter").await.unwrap();
+            let first = counter.send(Add(1));
+            let second = counter.send(Add(10));
+            assert_eq!(second.await.unwrap(), Ok(11));
+            assert_eq!(first.await.unwrap(), Ok(1));
+            drop(counter.send(Add(100)));
+            assert_eq!(counter.send(Get).await.unwrap(), 111);
+
+            // From a thread that is not the connection's: queued for it.
+            let arbiter = Arbiter::new();
+            let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+            let far = counter.clone();
+            assert!(arbiter.spawn(async move {
+                let first = far.send(Add(1000));
+                let second = far.send(Add(10_000));
+                let late = second.await;
+                let early = first.await;
+                drop(far.send(Add(100_000)));
+                // Queued behind the dropped call, by the same sender.
+                let total = far.send(Get).await;
+                let _ = done_tx.send((early, late, total));
+            }));
+            let (early, late, total) = done_rx.await.expect("the other thread answers");
+            assert_eq!(early.unwrap(), Ok(1111));
+            assert_eq!(late.unwrap(), Ok(11_111));
+            assert_eq!(total.unwrap(), 111_111);
+            arbiter.stop();
+        })
+        .await
+        .expect("every call answered in time");
+    });
+}
+
 /// A supervised export started on an arbiter of its own: its panic is not
 /// seen on the connection's thread, so the call gets a "stopped" failure
 /// once the mailbox has closed, and the actor is started again (on the
