@@ -466,28 +466,81 @@ where
         // under the lock restarts take.
         let (request, sent_to) =
             entry.with_addr(|addr| (addr.send(msg), entry.restarts.load(Ordering::Relaxed)));
-        let entry = entry.clone();
-        let guard = InflightGuard::new(conn);
-        Dispatch::Pending(Box::pin(
-            async move {
-                let _guard = guard;
-                match request.await {
-                    Ok(value) => return Some(reply.reply(&value)),
-                    Err(MailboxError::Timeout) => {
-                        return Some(reply.fail(
-                            ReplyStatus::ActorStopped,
-                            "the actor did not answer in time",
-                        ))
-                    }
-                    Err(MailboxError::Closed) => {}
-                }
-                // The mailbox closed under the call: boxed, so that the
-                // rare path's state does not weigh on every call's future.
-                Some(Box::pin(answer_closed(entry, reply, sent_to, M::TYPE.as_str())).await)
-            }
-            .instrument(span),
-        ))
+        Dispatch::Pending(Box::pin(Answer::<A, M> {
+            request,
+            reply: Some(reply),
+            entry: entry.clone(),
+            sent_to,
+            span,
+            closed: None,
+            _guard: InflightGuard::new(conn),
+        }))
     })
+}
+
+pin_project_lite::pin_project! {
+    /// A call in the actor's mailbox, waiting for the actor's answer, which
+    /// it encodes as the reply. Written out rather than as an `async`
+    /// block: the driver polls one per call, and this one is smaller and
+    /// enters its span only to reply.
+    struct Answer<A, M>
+    where
+        A: Actor,
+        A: Handler<M>,
+        A::Context: ToEnvelope<A, M>,
+        M: RemoteMessage,
+        M::Result: RemoteReply,
+    {
+        #[pin]
+        request: actix::dev::Request<A, M>,
+        reply: Option<ReplySink>,
+        entry: Arc<ExportEntry<A>>,
+        sent_to: u64,
+        span: Span,
+        // The mailbox closed under the call: boxed, so that the rare
+        // path's state does not weigh on every call's future.
+        closed: Option<InboundFut>,
+        _guard: InflightGuard,
+    }
+}
+
+impl<A, M> Future for Answer<A, M>
+where
+    A: Actor + Handler<M>,
+    A::Context: ToEnvelope<A, M>,
+    M: RemoteMessage,
+    M::Result: RemoteReply,
+{
+    type Output = Option<Command>;
+
+    fn poll(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let this = self.project();
+        if let Some(closed) = this.closed.as_mut() {
+            return closed.as_mut().poll(cx);
+        }
+        let answer = std::task::ready!(this.request.poll(cx));
+        let reply = this.reply.take().expect("an answer is given once");
+        let _entered = this.span.enter();
+        match answer {
+            Ok(value) => std::task::Poll::Ready(Some(reply.reply(&value))),
+            Err(MailboxError::Timeout) => std::task::Poll::Ready(Some(reply.fail(
+                ReplyStatus::ActorStopped,
+                "the actor did not answer in time",
+            ))),
+            Err(MailboxError::Closed) => {
+                let closed =
+                    answer_closed(this.entry.clone(), reply, *this.sent_to, M::TYPE.as_str());
+                let span = this.span.clone();
+                let closed = this
+                    .closed
+                    .insert(Box::pin(async move { Some(closed.await) }.instrument(span)));
+                closed.as_mut().poll(cx)
+            }
+        }
+    }
 }
 
 /// What a call whose actor's mailbox closed under it is told (see
