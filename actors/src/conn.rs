@@ -347,7 +347,7 @@ pub(crate) struct Driver {
     pub(crate) eviction: Option<Arc<Eviction>>,
     /// Inbound calls being handled: polled here, so a reply goes straight
     /// into the session without another task or channel.
-    inbound: FuturesUnordered<InboundFut>,
+    inbound: Deliveries,
     /// A one-way delivery waiting for mailbox room; reading waits for it.
     blocking: Option<InboundFut>,
     /// `conn` span: id, scheme, remote address, and the peer once known.
@@ -523,6 +523,46 @@ impl Drop for DriverTask {
         d.finished = true;
         d.task_waker = None;
         d.inbound_wake = None;
+    }
+}
+
+/// The inbound calls a driver is handling. The first has a slot of its
+/// own, polled directly with the driver's inbound waker: a call handled
+/// alone (a caller waiting on each reply) costs no task of
+/// `FuturesUnordered`'s, an allocation and a wake more per call. Calls
+/// that arrive while it is taken go to `rest`, which polls only those
+/// woken.
+#[derive(Default)]
+struct Deliveries {
+    first: Option<InboundFut>,
+    rest: FuturesUnordered<InboundFut>,
+}
+
+impl Deliveries {
+    fn push(&mut self, f: InboundFut) {
+        if self.first.is_none() {
+            self.first = Some(f);
+        } else {
+            self.rest.push(f);
+        }
+    }
+
+    fn len(&self) -> usize {
+        usize::from(self.first.is_some()) + self.rest.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.first.is_none() && self.rest.is_empty()
+    }
+
+    /// Polls the call in the first slot: its reply (if any) once done.
+    fn poll_first(&mut self, cx: &mut Context<'_>) -> Poll<Option<Command>> {
+        let Some(f) = self.first.as_mut() else {
+            return Poll::Pending;
+        };
+        let out = std::task::ready!(f.as_mut().poll(cx));
+        self.first = None;
+        Poll::Ready(out)
     }
 }
 
@@ -789,10 +829,14 @@ impl Driver {
     }
 
     /// Hands the replies of the inbound calls that finished to the session
-    /// (`FuturesUnordered` polls only those woken). True if there was any.
+    /// (see [`Deliveries`]). True if there was any.
     fn take_replies(&mut self, cx: &mut Context<'_>) -> bool {
         let mut replied = false;
-        while let Poll::Ready(Some(cmd)) = self.inbound.poll_next_unpin(cx) {
+        if let Poll::Ready(Some(cmd)) = self.inbound.poll_first(cx) {
+            self.on_command(cmd);
+            replied = true;
+        }
+        while let Poll::Ready(Some(cmd)) = self.inbound.rest.poll_next_unpin(cx) {
             if let Some(cmd) = cmd {
                 self.on_command(cmd);
                 replied = true;
@@ -1032,7 +1076,7 @@ impl Driver {
             remote,
             max_inflight,
             eviction: None,
-            inbound: FuturesUnordered::new(),
+            inbound: Deliveries::default(),
             blocking: None,
             span,
             paused: false,
