@@ -5,8 +5,8 @@
 //! goes through its generic decoder, and every field name and byte string
 //! is copied into a scratch buffer before the visitor sees it. For the
 //! small messages Courier carries, that is most of the cost of decoding
-//! (about 1,470 instructions for a struct of an integer and 64 bytes,
-//! against about 400 here; callgrind, `BENCHMARKS.md`).
+//! (1,558 instructions for a struct of an integer and 64 bytes, against
+//! 568 here; callgrind, `BENCHMARKS.md`).
 //!
 //! This decoder makes the same calls on the visitor that ciborium makes,
 //! for the same input, but borrows names and bytes from the slice. It only
