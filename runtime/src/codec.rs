@@ -38,6 +38,8 @@ std::thread_local! {
 }
 
 mod read;
+#[cfg(test)]
+mod strategies;
 mod write;
 
 /// Decodes CBOR bytes as a `T`. Hostile input gives an error, never a

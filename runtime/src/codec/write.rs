@@ -379,43 +379,28 @@ impl Collection<'_, '_> {
     }
 }
 
-impl ser::SerializeSeq for Collection<'_, '_> {
-    type Ok = ();
-    type Error = Refused;
+/// The collections whose items are values alone.
+macro_rules! items {
+    ($($trait:ident :: $method:ident;)*) => {
+        $(impl ser::$trait for Collection<'_, '_> {
+            type Ok = ();
+            type Error = Refused;
 
-    fn serialize_element<T: Serialize + ?Sized>(&mut self, value: &T) -> Result {
-        self.item(value)
-    }
+            fn $method<T: Serialize + ?Sized>(&mut self, value: &T) -> Result {
+                self.item(value)
+            }
 
-    fn end(self) -> Result {
-        self.finish()
-    }
+            fn end(self) -> Result {
+                self.finish()
+            }
+        })*
+    };
 }
 
-impl ser::SerializeTuple for Collection<'_, '_> {
-    type Ok = ();
-    type Error = Refused;
-
-    fn serialize_element<T: Serialize + ?Sized>(&mut self, value: &T) -> Result {
-        self.item(value)
-    }
-
-    fn end(self) -> Result {
-        self.finish()
-    }
-}
-
-impl ser::SerializeTupleStruct for Collection<'_, '_> {
-    type Ok = ();
-    type Error = Refused;
-
-    fn serialize_field<T: Serialize + ?Sized>(&mut self, value: &T) -> Result {
-        self.item(value)
-    }
-
-    fn end(self) -> Result {
-        self.finish()
-    }
+items! {
+    SerializeSeq::serialize_element;
+    SerializeTuple::serialize_element;
+    SerializeTupleStruct::serialize_field;
 }
 
 impl ser::SerializeTupleVariant for Collection<'_, '_> {
@@ -623,6 +608,8 @@ mod tests {
 
     use ciborium::value::Value;
     use proptest::prelude::*;
+
+    use super::super::strategies::{float, value};
     use serde::Serialize;
 
     fn ciborium<T: Serialize + ?Sized>(v: &T) -> std::result::Result<Vec<u8>, String> {
@@ -690,37 +677,6 @@ mod tests {
         fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
             self.0.fmt(f)
         }
-    }
-
-    fn float() -> impl Strategy<Value = f64> {
-        prop_oneof![
-            any::<f64>(),
-            any::<f32>().prop_map(f64::from),
-            any::<u16>().prop_map(|b| half::f16::from_bits(b).to_f64()),
-            Just(f64::NAN),
-            Just(-0.0),
-            Just(f64::NEG_INFINITY),
-        ]
-    }
-
-    fn value() -> impl Strategy<Value = Value> {
-        let leaf = prop_oneof![
-            any::<u64>().prop_map(|n| Value::Integer(n.into())),
-            any::<i64>().prop_map(|n| Value::Integer(n.into())),
-            proptest::collection::vec(any::<u8>(), 0..40).prop_map(Value::Bytes),
-            ".{0,12}".prop_map(Value::Text),
-            float().prop_map(Value::Float),
-            any::<bool>().prop_map(Value::Bool),
-            Just(Value::Null),
-        ];
-        leaf.prop_recursive(4, 48, 6, |inner| {
-            prop_oneof![
-                proptest::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
-                proptest::collection::vec((inner.clone(), inner.clone()), 0..6)
-                    .prop_map(Value::Map),
-                (any::<u64>(), inner).prop_map(|(t, v)| Value::Tag(t, Box::new(v))),
-            ]
-        })
     }
 
     proptest! {
