@@ -584,10 +584,15 @@ pub(crate) fn decode_reply<R: RemoteReply>(
 type BoxFuture<T> = Pin<Box<dyn Future<Output = Result<T, RemoteError>> + Send>>;
 
 pin_project! {
-    /// A request on its way: await it for the reply. The message went when
-    /// the request was made, as actix's `Addr::send` queues at once (a
-    /// reference still to connect sends once connected); dropping the
-    /// request loses only the reply. Made by
+    /// A request on its way: await it for the reply. As actix's
+    /// `Addr::send` queues at once, the message goes when the request is
+    /// made, and dropping the request then loses only the reply. Two cases
+    /// wait for the first poll instead, as actix's request does when a
+    /// mailbox is full: a connection whose command queue is full (the
+    /// backpressure point) sends when there is room, and a reference still
+    /// to connect (handed over by a third node) once connected. Dropping
+    /// such a request unpolled drops its message, and a request made after
+    /// it may go first. Made by
     /// [`RemoteAddr::send`] (whose calls to a local actor allocate nothing
     /// of ours) and [`RemoteRecipient::send`] (boxed, as the actor's type
     /// is erased there). The one `RemoteAddr::send` makes is not `Unpin`

@@ -48,9 +48,11 @@ mod write;
 ///
 /// The common shapes are decoded straight from the slice (see
 /// `codec/read.rs`); anything else, and every error, is decoded again by
-/// ciborium, whose answer is the one returned. A `Deserialize` impl with
-/// side effects may therefore run twice on input that fails: such values
-/// go through [`decode_once`].
+/// ciborium, whose answer is the one returned. A `Deserialize` impl may
+/// therefore run twice on one input: on input that fails, and on valid
+/// input the fast path leaves to ciborium part-way (a tag, a bignum, an
+/// indefinite length). Values whose decoding has side effects go through
+/// [`decode_once`].
 #[inline]
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, RemoteError> {
     match read::decode(bytes) {

@@ -81,9 +81,11 @@ pub(crate) fn adopt(raw: RawFd) -> Result<(OwnedFd, AdoptGuard), String> {
     set.insert(raw, Adopted { file, generation });
     // SAFETY: the descriptor is open (fstat succeeded), the `fd://` address
     // grants its ownership to us, and `ADOPTED` guarantees no other object
-    // of this crate owns the same open number (a record naming another
-    // file is one whose descriptor was closed), so exactly one `OwnedFd`
-    // closes it.
+    // of this crate owns the same open number. A record naming another
+    // file is one whose descriptor was closed: while we own a number,
+    // nothing else may point it at another file (I/O safety: `dup2` onto
+    // a descriptor needs its ownership), so exactly one `OwnedFd` closes
+    // it.
     let owned = unsafe { OwnedFd::from_raw_fd(raw) };
     Ok((owned, AdoptGuard { raw, generation }))
 }

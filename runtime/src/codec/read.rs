@@ -290,7 +290,7 @@ impl<'de> de::Deserializer<'de> for &mut SliceDecoder<'de> {
 
     fn deserialize_str<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value> {
         match self.head()? {
-            Head::Text(n) if n <= SCRATCH_LEN => visitor.visit_borrowed_str(self.text(n)?),
+            Head::Text(n) if n <= SCRATCH_LEN => visitor.visit_str(self.text(n)?),
             _ => Err(GiveUp),
         }
     }
@@ -304,7 +304,7 @@ impl<'de> de::Deserializer<'de> for &mut SliceDecoder<'de> {
 
     fn deserialize_bytes<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value> {
         match self.head()? {
-            Head::Bytes(n) if n <= SCRATCH_LEN => visitor.visit_borrowed_bytes(self.take(n)),
+            Head::Bytes(n) if n <= SCRATCH_LEN => visitor.visit_bytes(self.take(n)),
             Head::Array(n) => self.nested(|me| visitor.visit_seq(Items { de: me, left: n })),
             _ => Err(GiveUp),
         }
@@ -410,8 +410,8 @@ impl<'de> de::Deserializer<'de> for &mut SliceDecoder<'de> {
 
     fn deserialize_identifier<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value> {
         match self.head()? {
-            Head::Text(n) if n <= SCRATCH_LEN => visitor.visit_borrowed_str(self.text(n)?),
-            Head::Bytes(n) if n <= SCRATCH_LEN => visitor.visit_borrowed_bytes(self.take(n)),
+            Head::Text(n) if n <= SCRATCH_LEN => visitor.visit_str(self.text(n)?),
+            Head::Bytes(n) if n <= SCRATCH_LEN => visitor.visit_bytes(self.take(n)),
             _ => Err(GiveUp),
         }
     }
