@@ -245,6 +245,15 @@ impl<A: Actor> RemoteAddr<A> {
         M: RemoteMessage,
         M::Result: RemoteReply,
     {
+        // The local case first and on its own: actix's request is then
+        // built where the returned `Request` holds it, not moved there.
+        if let Target::Local(entry, _) = &self.target {
+            return Request::new(Call {
+                inner: CallInner::Local {
+                    req: entry.with_addr(|a| a.send(msg)),
+                },
+            });
+        }
         Request::new(self.call(msg))
     }
 
