@@ -231,11 +231,19 @@ impl Hasher for NameHasher {
 }
 type Factory<A> = Box<dyn Fn() -> Addr<A> + Send + Sync>;
 
+/// Where an export's calls go (see [`ExportEntry::with_addr`]).
+enum Mailbox<A: Actor> {
+    Fixed(Addr<A>),
+    Supervised(RwLock<Addr<A>>),
+}
+
 /// One exported actor of type `A`.
 pub(crate) struct ExportEntry<A: Actor> {
     pub id: Mutex<Option<ActorId>>,
     pub pinned: bool,
-    addr: RwLock<Addr<A>>,
+    /// The actor's mailbox. An export nobody restarts keeps it where every
+    /// call reads it without a lock; a supervised one swaps it on restart.
+    mailbox: Mailbox<A>,
     factory: Option<Factory<A>>,
     handlers: Handlers<A>,
     failure_details: bool,
@@ -254,20 +262,24 @@ impl<A: Actor> ExportEntry<A> {
     /// actix `Addr` allocates twice); restarts a dead supervised actor
     /// first, as [`Self::current_addr`] does.
     pub fn with_addr<R>(&self, f: impl FnOnce(&Addr<A>) -> R) -> R {
-        let addr = self.addr.read().expect("not poisoned");
-        if addr.connected() || self.factory.is_none() {
+        let lock = match &self.mailbox {
+            Mailbox::Fixed(addr) => return f(addr),
+            Mailbox::Supervised(lock) => lock,
+        };
+        let addr = lock.read().expect("not poisoned");
+        if addr.connected() {
             return f(&addr);
         }
         drop(addr);
-        self.restart_if_dead();
-        f(&self.addr.read().expect("not poisoned"))
+        self.restart_if_dead(lock);
+        f(&lock.read().expect("not poisoned"))
     }
 
-    fn restart_if_dead(&self) {
+    fn restart_if_dead(&self, lock: &RwLock<Addr<A>>) {
         let Some(factory) = &self.factory else {
             return;
         };
-        let mut slot = self.addr.write().expect("not poisoned");
+        let mut slot = lock.write().expect("not poisoned");
         if !slot.connected() {
             *slot = factory();
             let n = self.restarts.fetch_add(1, Ordering::Relaxed) + 1;
@@ -280,7 +292,10 @@ impl<A: Actor> ExportEntry<A> {
     /// restart count read when the call went into its mailbox.
     fn still_runs(&self, sent_to: u64) -> bool {
         self.restarts.load(Ordering::Relaxed) == sent_to
-            && self.addr.read().expect("not poisoned").connected()
+            && match &self.mailbox {
+                Mailbox::Fixed(addr) => addr.connected(),
+                Mailbox::Supervised(lock) => lock.read().expect("not poisoned").connected(),
+            }
     }
 
     /// Why a call of `type_name` got no answer: `panic`, the panic this
@@ -641,7 +656,10 @@ impl<A: Actor> Export<A> {
         let entry = Arc::new(ExportEntry {
             id: Mutex::new(None),
             pinned,
-            addr: RwLock::new(self.addr),
+            mailbox: match self.factory {
+                Some(_) => Mailbox::Supervised(RwLock::new(self.addr)),
+                None => Mailbox::Fixed(self.addr),
+            },
             factory: self.factory,
             handlers: self.handlers,
             failure_details: self.failure_details,
