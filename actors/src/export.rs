@@ -234,7 +234,11 @@ type Factory<A> = Box<dyn Fn() -> Addr<A> + Send + Sync>;
 /// Where an export's calls go (see [`ExportEntry::with_addr`]).
 enum Mailbox<A: Actor> {
     Fixed(Addr<A>),
-    Supervised(RwLock<Addr<A>>),
+    /// Restarted with `factory` when found dead.
+    Supervised {
+        addr: RwLock<Addr<A>>,
+        factory: Factory<A>,
+    },
 }
 
 /// One exported actor of type `A`.
@@ -244,7 +248,6 @@ pub(crate) struct ExportEntry<A: Actor> {
     /// The actor's mailbox. An export nobody restarts keeps it where every
     /// call reads it without a lock; a supervised one swaps it on restart.
     mailbox: Mailbox<A>,
-    factory: Option<Factory<A>>,
     handlers: Handlers<A>,
     failure_details: bool,
     backtraces: bool,
@@ -262,23 +265,20 @@ impl<A: Actor> ExportEntry<A> {
     /// actix `Addr` allocates twice); restarts a dead supervised actor
     /// first, as [`Self::current_addr`] does.
     pub fn with_addr<R>(&self, f: impl FnOnce(&Addr<A>) -> R) -> R {
-        let lock = match &self.mailbox {
+        let (lock, factory) = match &self.mailbox {
             Mailbox::Fixed(addr) => return f(addr),
-            Mailbox::Supervised(lock) => lock,
+            Mailbox::Supervised { addr, factory } => (addr, factory),
         };
         let addr = lock.read().expect("not poisoned");
         if addr.connected() {
             return f(&addr);
         }
         drop(addr);
-        self.restart_if_dead(lock);
+        self.restart_if_dead(lock, factory);
         f(&lock.read().expect("not poisoned"))
     }
 
-    fn restart_if_dead(&self, lock: &RwLock<Addr<A>>) {
-        let Some(factory) = &self.factory else {
-            return;
-        };
+    fn restart_if_dead(&self, lock: &RwLock<Addr<A>>, factory: &Factory<A>) {
         let mut slot = lock.write().expect("not poisoned");
         if !slot.connected() {
             *slot = factory();
@@ -294,7 +294,7 @@ impl<A: Actor> ExportEntry<A> {
         self.restarts.load(Ordering::Relaxed) == sent_to
             && match &self.mailbox {
                 Mailbox::Fixed(addr) => addr.connected(),
-                Mailbox::Supervised(lock) => lock.read().expect("not poisoned").connected(),
+                Mailbox::Supervised { addr, .. } => addr.read().expect("not poisoned").connected(),
             }
     }
 
@@ -326,7 +326,7 @@ impl<A: Actor> ExportEntry<A> {
                 message = type_name,
                 "the actor stopped before answering"
             );
-            return if self.factory.is_some() {
+            return if matches!(self.mailbox, Mailbox::Supervised { .. }) {
                 Stopped::Failure(
                     RemoteFailure {
                         type_name: "stopped".into(),
@@ -657,10 +657,12 @@ impl<A: Actor> Export<A> {
             id: Mutex::new(None),
             pinned,
             mailbox: match self.factory {
-                Some(_) => Mailbox::Supervised(RwLock::new(self.addr)),
+                Some(factory) => Mailbox::Supervised {
+                    addr: RwLock::new(self.addr),
+                    factory,
+                },
                 None => Mailbox::Fixed(self.addr),
             },
-            factory: self.factory,
             handlers: self.handlers,
             failure_details: self.failure_details,
             backtraces: self.backtraces,

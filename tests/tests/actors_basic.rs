@@ -19,6 +19,18 @@ fn run<F: std::future::Future<Output = ()>>(f: F) {
     actix::System::new().block_on(f);
 }
 
+/// Runs `work` on `arbiter`'s thread and waits for what it gives.
+async fn on_arbiter<T: Send + 'static>(
+    arbiter: &Arbiter,
+    work: impl std::future::Future<Output = T> + Send + 'static,
+) -> T {
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    assert!(arbiter.spawn(async move {
+        let _ = done_tx.send(work.await);
+    }));
+    done_rx.await.expect("the other thread answers")
+}
+
 async fn server_and_client() -> (Node, Node, String) {
     let server = node(Some("tcp://127.0.0.1:0")).await;
     export_counter(&server, "counter");
@@ -182,9 +194,8 @@ fn a_call_goes_when_it_is_made() {
 
             // From a thread that is not the connection's: queued for it.
             let arbiter = Arbiter::new();
-            let (done_tx, done_rx) = tokio::sync::oneshot::channel();
             let far = counter.clone();
-            assert!(arbiter.spawn(async move {
+            let (early, late, total) = on_arbiter(&arbiter, async move {
                 let first = far.send(Add(1000));
                 let second = far.send(Add(10_000));
                 let late = second.await;
@@ -192,9 +203,9 @@ fn a_call_goes_when_it_is_made() {
                 drop(far.send(Add(100_000)));
                 // Queued behind the dropped call, by the same sender.
                 let total = far.send(Get).await;
-                let _ = done_tx.send((early, late, total));
-            }));
-            let (early, late, total) = done_rx.await.expect("the other thread answers");
+                (early, late, total)
+            })
+            .await;
             assert_eq!(early.unwrap(), Ok(1111));
             assert_eq!(late.unwrap(), Ok(11_111));
             assert_eq!(total.unwrap(), 111_111);
@@ -226,17 +237,16 @@ fn calls_that_find_the_command_queue_full_wait_for_room() {
                 .unwrap();
             let counter = client.lookup::<Counter>(&addr, "counter").await.unwrap();
             let arbiter = Arbiter::new();
-            let (done_tx, done_rx) = tokio::sync::oneshot::channel();
             let far = counter.clone();
-            assert!(arbiter.spawn(async move {
+            let answers = on_arbiter(&arbiter, async move {
                 let calls: Vec<_> = (0..200).map(|_| far.send(Add(1))).collect();
                 let mut answers = Vec::new();
                 for call in calls {
                     answers.push(call.await);
                 }
-                let _ = done_tx.send(answers);
-            }));
-            let answers = done_rx.await.expect("the other thread answers");
+                answers
+            })
+            .await;
             let mut totals: Vec<u64> = answers
                 .into_iter()
                 .map(|a| a.expect("answered").expect("added"))
@@ -262,18 +272,17 @@ fn a_supervised_actor_on_another_thread_that_panics_is_restarted() {
         tokio::time::timeout(WAIT * 3, async {
             let server = node(Some("tcp://127.0.0.1:0")).await;
             let arbiter = Arbiter::new();
-            let (done_tx, done_rx) = tokio::sync::oneshot::channel();
-            let on_arbiter = server.clone();
-            assert!(arbiter.spawn(async move {
-                let exported = on_arbiter
+            let there = server.clone();
+            let exported = on_arbiter(&arbiter, async move {
+                there
                     .export_supervised(Counter::default)
                     .handles::<Add>()
                     .handles::<Crash>()
                     .register("far")
-                    .is_ok();
-                let _ = done_tx.send(exported);
-            }));
-            assert!(done_rx.await.unwrap(), "exported");
+                    .is_ok()
+            })
+            .await;
+            assert!(exported, "exported");
             let addr = server.local_addrs()[0].to_string();
             let client = node(None).await;
             let far = client.lookup::<Counter>(&addr, "far").await.unwrap();

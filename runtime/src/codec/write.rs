@@ -417,7 +417,7 @@ impl ser::SerializeTupleVariant for Collection<'_, '_> {
                 self.enc.head(TAG, tag);
                 Ok(())
             }
-            Err(_) => Err(Refused("expected tag".into())),
+            Err(_) => not_a_tag(),
         }
     }
 
@@ -477,11 +477,17 @@ impl ser::SerializeStructVariant for Collection<'_, '_> {
 /// (as ciborium's own tag serializer).
 struct TagNumber;
 
+/// What a tag number that is not an unsigned integer gets, as from
+/// ciborium.
+fn not_a_tag<T>() -> Result<T> {
+    Err(Refused("expected tag".into()))
+}
+
 /// Everything but an unsigned integer is refused.
 macro_rules! not_a_tag {
     ($($name:ident($($arg:ty),*);)*) => {
         $(fn $name(self, $(_: $arg),*) -> Result<u64> {
-            Err(Refused("expected tag".into()))
+            not_a_tag()
         })*
     };
 }
@@ -533,7 +539,7 @@ impl ser::Serializer for TagNumber {
     }
 
     fn serialize_some<T: Serialize + ?Sized>(self, _: &T) -> Result<u64> {
-        Err(Refused("expected tag".into()))
+        not_a_tag()
     }
 
     fn serialize_newtype_struct<T: Serialize + ?Sized>(
@@ -541,7 +547,7 @@ impl ser::Serializer for TagNumber {
         _: &'static str,
         _: &T,
     ) -> Result<u64> {
-        Err(Refused("expected tag".into()))
+        not_a_tag()
     }
 
     fn serialize_newtype_variant<T: Serialize + ?Sized>(
@@ -551,15 +557,15 @@ impl ser::Serializer for TagNumber {
         _: &'static str,
         _: &T,
     ) -> Result<u64> {
-        Err(Refused("expected tag".into()))
+        not_a_tag()
     }
 
     fn serialize_seq(self, _: Option<usize>) -> Result<Self::SerializeSeq> {
-        Err(Refused("expected tag".into()))
+        not_a_tag()
     }
 
     fn serialize_tuple(self, _: usize) -> Result<Self::SerializeTuple> {
-        Err(Refused("expected tag".into()))
+        not_a_tag()
     }
 
     fn serialize_tuple_struct(
@@ -567,7 +573,7 @@ impl ser::Serializer for TagNumber {
         _: &'static str,
         _: usize,
     ) -> Result<Self::SerializeTupleStruct> {
-        Err(Refused("expected tag".into()))
+        not_a_tag()
     }
 
     fn serialize_tuple_variant(
@@ -577,15 +583,15 @@ impl ser::Serializer for TagNumber {
         _: &'static str,
         _: usize,
     ) -> Result<Self::SerializeTupleVariant> {
-        Err(Refused("expected tag".into()))
+        not_a_tag()
     }
 
     fn serialize_map(self, _: Option<usize>) -> Result<Self::SerializeMap> {
-        Err(Refused("expected tag".into()))
+        not_a_tag()
     }
 
     fn serialize_struct(self, _: &'static str, _: usize) -> Result<Self::SerializeStruct> {
-        Err(Refused("expected tag".into()))
+        not_a_tag()
     }
 
     fn serialize_struct_variant(
@@ -595,7 +601,7 @@ impl ser::Serializer for TagNumber {
         _: &'static str,
         _: usize,
     ) -> Result<Self::SerializeStructVariant> {
-        Err(Refused("expected tag".into()))
+        not_a_tag()
     }
 }
 
