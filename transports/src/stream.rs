@@ -307,6 +307,30 @@ impl<S: RawStream> StreamLink<S> {
             }
             WriteState::Failed => return Poll::Ready(Err(TransportError::Closed)),
         }
+        // The usual case: small frames coalesced in `tail`, nothing queued
+        // before them. They are written from `tail` itself, which, once
+        // all is taken, is emptied and reused from where it starts: no
+        // chunk is cut from it and dropped again (a fifth of the cost of
+        // sending a small frame).
+        if self.outbox.chunks.is_empty() && !self.outbox.tail.is_empty() {
+            let res = ready!(self
+                .io
+                .poll_write_some(cx, &[IoSlice::new(&self.outbox.tail)], &[]));
+            match res {
+                Ok(n) if n == self.outbox.tail.len() => {
+                    self.outbox.queued -= n;
+                    self.outbox.tail.clear();
+                    return Poll::Ready(Ok(()));
+                }
+                // Part taken: the rest is queued as a chunk, below.
+                Ok(n) if n > 0 => {
+                    self.outbox.seal();
+                    self.outbox.advance(n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                other => return Poll::Ready(Err(self.write_failed(other))),
+            }
+        }
         self.outbox.seal();
         while !self.outbox.chunks.is_empty() {
             // One chunk is the common case (small frames coalesce into
@@ -336,21 +360,24 @@ impl<S: RawStream> StreamLink<S> {
             let res = ready!(self.io.poll_write_some(cx, slices, &first_fds));
             drop(first_fds);
             match res {
-                Ok(0) => {
-                    self.write_state = WriteState::Failed;
-                    let e = io::Error::new(io::ErrorKind::WriteZero, "the socket took no bytes");
-                    return Poll::Ready(Err(TransportError::io(self.op("send to"), e)));
-                }
-                Ok(n) => self.outbox.advance(n),
+                Ok(n) if n > 0 => self.outbox.advance(n),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    self.write_state = WriteState::Failed;
-                    self.outbox.clear();
-                    return Poll::Ready(Err(TransportError::io(self.op("send to"), e)));
-                }
+                other => return Poll::Ready(Err(self.write_failed(other))),
             }
         }
         Poll::Ready(Ok(()))
+    }
+
+    /// A write that took no bytes (`Ok(0)`) or failed: the link can send
+    /// no more, and what was queued is dropped.
+    fn write_failed(&mut self, res: io::Result<usize>) -> TransportError {
+        self.write_state = WriteState::Failed;
+        self.outbox.clear();
+        let e = match res {
+            Err(e) => e,
+            Ok(_) => io::Error::new(io::ErrorKind::WriteZero, "the socket took no bytes"),
+        };
+        TransportError::io(self.op("send to"), e)
     }
 
     /// How much to ask the next read for. Enough for the rest of a frame
@@ -855,5 +882,53 @@ impl FdInbox {
             )));
         }
         Ok(self.batches.pop_front().map(|b| b.fds).unwrap_or_default())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::LinkExt;
+
+    fn link(io: tokio::io::DuplexStream) -> StreamLink<PlainStream<tokio::io::DuplexStream>> {
+        StreamLink::new(
+            PlainStream::new(io, "test", None),
+            "test peer".into(),
+            true,
+            &StreamConfig::default(),
+        )
+    }
+
+    fn body(i: usize) -> Bytes {
+        let len = (i * 37) % 301;
+        (0..len).map(|k| (i + k) as u8).collect()
+    }
+
+    /// A pipe that takes at most 100 bytes at a time makes nearly every
+    /// write partial, ending anywhere inside a frame: coalesced small
+    /// frames still arrive whole and in order.
+    #[tokio::test]
+    async fn partial_writes_of_coalesced_frames_lose_nothing() {
+        let (a, b) = tokio::io::duplex(100);
+        let (mut tx, mut rx) = (link(a), link(b));
+        const N: usize = 2000;
+        let send = async {
+            for i in 0..N {
+                tx.feed(Frame::new(body(i))).await.expect("feed");
+                if i % 7 == 0 {
+                    tx.flush().await.expect("flush");
+                }
+            }
+            tx.flush().await.expect("flush");
+        };
+        let recv = async {
+            for i in 0..N {
+                let f = rx.recv().await.expect("a frame").expect("no error");
+                assert_eq!(f.payload, body(i), "frame {i}");
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(60), async { tokio::join!(send, recv) })
+            .await
+            .expect("all frames within a minute");
     }
 }
