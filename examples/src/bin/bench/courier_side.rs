@@ -12,7 +12,7 @@ use courier_transports::quic::{Identity, PeerTrust, QuicConfig};
 use courier_transports::{AnyTransport, StreamConfig};
 
 use crate::actors::*;
-use crate::report::{Latencies, Rate, Sample};
+use crate::report::{Rate, Sample};
 use crate::Kind;
 
 const COOKIE: &str = "courier benchmark cookie";
@@ -88,19 +88,41 @@ async fn teardown(server: Node, client: Node) {
     server.shutdown().await;
 }
 
-pub async fn rtt(kind: Kind, dir: &Path, n: usize) -> Latencies {
-    let (server, client, sink) = setup(kind, dir).await;
-    let mut lat = Vec::with_capacity(n);
-    for i in 0..n + n / 10 {
-        let t = Instant::now();
-        let r = sink.send(Echo(Msg::new(i as u64))).await.unwrap();
-        assert_eq!(r.id, i as u64);
-        if i >= n / 10 {
+/// Request/reply with a 64-byte payload, one at a time, between two nodes
+/// of its own (see `rtt_interleaved` in `main.rs`).
+pub struct Rtt {
+    server: Node,
+    client: Node,
+    sink: RemoteAddr<Sink>,
+    next: u64,
+}
+
+impl Rtt {
+    pub async fn new(kind: Kind, dir: &Path) -> Self {
+        let (server, client, sink) = setup(kind, dir).await;
+        Self {
+            server,
+            client,
+            sink,
+            next: 0,
+        }
+    }
+
+    /// `n` round trips, each one's latency appended to `lat`.
+    pub async fn run(&mut self, n: usize, lat: &mut Vec<Duration>) {
+        for _ in 0..n {
+            let i = self.next;
+            self.next += 1;
+            let t = Instant::now();
+            let r = self.sink.send(Echo(Msg::new(i))).await.unwrap();
+            assert_eq!(r.id, i);
             lat.push(t.elapsed());
         }
     }
-    teardown(server, client).await;
-    Latencies(lat)
+
+    pub async fn finish(self) {
+        teardown(self.server, self.client).await;
+    }
 }
 
 pub async fn oneway(kind: Kind, dir: &Path, n: usize) -> Rate {

@@ -309,6 +309,68 @@ fn progress(what: &str) {
     }
 }
 
+/// Round trips, `n` measured per implementation, in blocks of
+/// [`RTT_BLOCK`] taken in turn (raw, raw+cbor, Courier, the order rotating
+/// each block) on connections set up once: a spell of machine noise, which
+/// can last longer than a whole measurement, falls on all three alike. A
+/// tenth as many round trips first warm each up, unmeasured.
+async fn rtt_interleaved(
+    kind: Kind,
+    dir: &std::path::Path,
+    n: usize,
+    raw: bool,
+    cbor: bool,
+    courier: bool,
+) -> Vec<Sample> {
+    let t = kind.name();
+    let mut raws = Vec::new();
+    if raw {
+        raws.push(("raw", raw::Rtt::new(kind, dir, false).await, Vec::new()));
+    }
+    if cbor {
+        raws.push(("raw+cbor", raw::Rtt::new(kind, dir, true).await, Vec::new()));
+    }
+    let mut ours = match courier {
+        true => Some((courier_side::Rtt::new(kind, dir).await, Vec::new())),
+        false => None,
+    };
+    let mut scratch = Vec::new();
+    for (_, r, _) in raws.iter_mut() {
+        r.run(n / 10, &mut scratch).await;
+    }
+    if let Some((c, _)) = ours.as_mut() {
+        c.run(n / 10, &mut scratch).await;
+    }
+    let slots = raws.len() + usize::from(ours.is_some());
+    let blocks = n.div_ceil(RTT_BLOCK).max(1);
+    for block in 0..blocks {
+        let k = RTT_BLOCK.min(n - block * RTT_BLOCK);
+        for turn in 0..slots {
+            let slot = (turn + block) % slots;
+            match raws.get_mut(slot) {
+                Some((_, r, lat)) => r.run(k, lat).await,
+                None => {
+                    let (c, lat) = ours.as_mut().expect("the last slot is Courier's");
+                    c.run(k, lat).await;
+                }
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for (name, _, lat) in raws {
+        out.extend(report::Latencies(lat).samples(t, "rtt", name));
+    }
+    if let Some((c, lat)) = ours {
+        c.finish().await;
+        out.extend(report::Latencies(lat).samples(t, "rtt", "courier"));
+    }
+    out
+}
+
+/// Round trips per implementation per turn in [`rtt_interleaved`]: about
+/// 10 ms of work, so each turn's first, colder round trips weigh nothing.
+const RTT_BLOCK: usize = 1000;
+
 async fn run(args: &Args) -> Vec<Sample> {
     let dir = std::env::temp_dir().join(format!("courier-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
@@ -337,18 +399,9 @@ async fn run(args: &Args) -> Vec<Sample> {
         for &kind in &args.transports {
             let t = kind.name();
             if want("rtt") {
-                if run_impl("raw") {
-                    let r = raw::rtt(kind, &dir, b.rtt_iters, false).await;
-                    out.extend(r.samples(t, "rtt", "raw"));
-                }
-                if run_impl("raw+cbor") {
-                    let r = raw::rtt(kind, &dir, b.rtt_iters, true).await;
-                    out.extend(r.samples(t, "rtt", "raw+cbor"));
-                }
-                if run_impl("courier") {
-                    let r = courier_side::rtt(kind, &dir, b.rtt_iters).await;
-                    out.extend(r.samples(t, "rtt", "courier"));
-                }
+                let (raw, cbor, courier) =
+                    (run_impl("raw"), run_impl("raw+cbor"), run_impl("courier"));
+                out.extend(rtt_interleaved(kind, &dir, b.rtt_iters, raw, cbor, courier).await);
             }
             if want("oneway") {
                 if run_impl("raw") {

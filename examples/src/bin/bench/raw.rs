@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 
 use crate::actors::Msg;
-use crate::report::{Latencies, Rate};
+use crate::report::Rate;
 use crate::Kind;
 
 pub trait Stream: AsyncRead + AsyncWrite + Unpin + 'static {}
@@ -99,30 +99,49 @@ fn spawn_echo(s: Io, cbor: bool) {
     });
 }
 
-/// Request/reply, 64-byte payload, one at a time.
-pub async fn rtt(kind: Kind, dir: &Path, n: usize, cbor: bool) -> Latencies {
-    let (c, s) = pair(kind, dir).await;
-    spawn_echo(s, cbor);
-    let (r, mut w) = tokio::io::split(c);
-    let mut r = BufReader::with_capacity(64 * 1024, r);
-    let mut buf = Vec::new();
-    let raw = vec![0x5au8; 64];
-    let mut lat = Vec::with_capacity(n);
-    for i in 0..n + n / 10 {
-        let t = Instant::now();
-        if cbor {
-            write_frame(&mut w, &encode(&Msg::new(i as u64))).await;
-            assert!(read_frame(&mut r, &mut buf).await);
-            assert_eq!(decode(&buf).id, i as u64);
-        } else {
-            write_frame(&mut w, &raw).await;
-            assert!(read_frame(&mut r, &mut buf).await);
+/// Request/reply, 64-byte payload, one at a time, on a socket of its own
+/// (see `rtt_interleaved` in `main.rs`).
+pub struct Rtt {
+    r: BufReader<tokio::io::ReadHalf<Io>>,
+    w: tokio::io::WriteHalf<Io>,
+    buf: Vec<u8>,
+    raw: Vec<u8>,
+    cbor: bool,
+    next: u64,
+}
+
+impl Rtt {
+    pub async fn new(kind: Kind, dir: &Path, cbor: bool) -> Self {
+        let (c, s) = pair(kind, dir).await;
+        spawn_echo(s, cbor);
+        let (r, w) = tokio::io::split(c);
+        Self {
+            r: BufReader::with_capacity(64 * 1024, r),
+            w,
+            buf: Vec::new(),
+            raw: vec![0x5au8; 64],
+            cbor,
+            next: 0,
         }
-        if i >= n / 10 {
+    }
+
+    /// `n` round trips, each one's latency appended to `lat`.
+    pub async fn run(&mut self, n: usize, lat: &mut Vec<Duration>) {
+        for _ in 0..n {
+            let i = self.next;
+            self.next += 1;
+            let t = Instant::now();
+            if self.cbor {
+                write_frame(&mut self.w, &encode(&Msg::new(i))).await;
+                assert!(read_frame(&mut self.r, &mut self.buf).await);
+                assert_eq!(decode(&self.buf).id, i);
+            } else {
+                write_frame(&mut self.w, &self.raw).await;
+                assert!(read_frame(&mut self.r, &mut self.buf).await);
+            }
             lat.push(t.elapsed());
         }
     }
-    Latencies(lat)
 }
 
 /// One-way 64-byte messages as fast as the socket takes them, written in
