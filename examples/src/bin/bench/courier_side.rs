@@ -94,7 +94,6 @@ pub struct Rtt {
     server: Node,
     client: Node,
     sink: RemoteAddr<Sink>,
-    next: u64,
 }
 
 impl Rtt {
@@ -104,20 +103,13 @@ impl Rtt {
             server,
             client,
             sink,
-            next: 0,
         }
     }
 
-    /// `n` round trips, each one's latency appended to `lat`.
-    pub async fn run(&mut self, n: usize, lat: &mut Vec<Duration>) {
-        for _ in 0..n {
-            let i = self.next;
-            self.next += 1;
-            let t = Instant::now();
-            let r = self.sink.send(Echo(Msg::new(i))).await.unwrap();
-            assert_eq!(r.id, i);
-            lat.push(t.elapsed());
-        }
+    /// Round trip number `i`.
+    pub async fn one(&mut self, i: u64) {
+        let r = self.sink.send(Echo(Msg::new(i))).await.unwrap();
+        assert_eq!(r.id, i);
     }
 
     pub async fn finish(self) {

@@ -22,6 +22,7 @@ mod raw;
 mod report;
 
 use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
 use report::{Sample, Table};
 
@@ -322,49 +323,65 @@ async fn rtt_interleaved(
     cbor: bool,
     courier: bool,
 ) -> Vec<Sample> {
-    let t = kind.name();
-    let mut raws = Vec::new();
+    let mut sides: Vec<(&str, RttSide, Vec<Duration>)> = Vec::new();
     if raw {
-        raws.push(("raw", raw::Rtt::new(kind, dir, false).await, Vec::new()));
+        let side = RttSide::Raw(raw::Rtt::new(kind, dir, false).await);
+        sides.push(("raw", side, Vec::new()));
     }
     if cbor {
-        raws.push(("raw+cbor", raw::Rtt::new(kind, dir, true).await, Vec::new()));
+        let side = RttSide::Raw(raw::Rtt::new(kind, dir, true).await);
+        sides.push(("raw+cbor", side, Vec::new()));
     }
-    let mut ours = match courier {
-        true => Some((courier_side::Rtt::new(kind, dir).await, Vec::new())),
-        false => None,
-    };
-    let mut scratch = Vec::new();
-    for (_, r, _) in raws.iter_mut() {
-        r.run(n / 10, &mut scratch).await;
+    if courier {
+        let side = RttSide::Courier(courier_side::Rtt::new(kind, dir).await);
+        sides.push(("courier", side, Vec::new()));
     }
-    if let Some((c, _)) = ours.as_mut() {
-        c.run(n / 10, &mut scratch).await;
+    let warm_up = (n / 10) as u64;
+    for (_, side, _) in sides.iter_mut() {
+        side.run(0..warm_up, &mut Vec::new()).await;
     }
-    let slots = raws.len() + usize::from(ours.is_some());
-    let blocks = n.div_ceil(RTT_BLOCK).max(1);
+    let blocks = n.div_ceil(RTT_BLOCK);
     for block in 0..blocks {
-        let k = RTT_BLOCK.min(n - block * RTT_BLOCK);
-        for turn in 0..slots {
-            let slot = (turn + block) % slots;
-            match raws.get_mut(slot) {
-                Some((_, r, lat)) => r.run(k, lat).await,
-                None => {
-                    let (c, lat) = ours.as_mut().expect("the last slot is Courier's");
-                    c.run(k, lat).await;
-                }
-            }
+        let from = warm_up + (block * RTT_BLOCK) as u64;
+        let to = warm_up + n.min((block + 1) * RTT_BLOCK) as u64;
+        for turn in 0..sides.len() {
+            let slot = (turn + block) % sides.len();
+            let (_, side, lat) = &mut sides[slot];
+            side.run(from..to, lat).await;
         }
     }
     let mut out = Vec::new();
-    for (name, _, lat) in raws {
-        out.extend(report::Latencies(lat).samples(t, "rtt", name));
-    }
-    if let Some((c, lat)) = ours {
-        c.finish().await;
-        out.extend(report::Latencies(lat).samples(t, "rtt", "courier"));
+    for (name, side, lat) in sides {
+        side.finish().await;
+        out.extend(report::Latencies(lat).samples(kind.name(), "rtt", name));
     }
     out
+}
+
+/// One implementation in [`rtt_interleaved`].
+enum RttSide {
+    Raw(raw::Rtt),
+    Courier(courier_side::Rtt),
+}
+
+impl RttSide {
+    /// The round trips numbered `ids`, each one's latency appended to `lat`.
+    async fn run(&mut self, ids: std::ops::Range<u64>, lat: &mut Vec<Duration>) {
+        for i in ids {
+            let t = Instant::now();
+            match self {
+                RttSide::Raw(r) => r.one(i).await,
+                RttSide::Courier(c) => c.one(i).await,
+            }
+            lat.push(t.elapsed());
+        }
+    }
+
+    async fn finish(self) {
+        if let RttSide::Courier(c) = self {
+            c.finish().await;
+        }
+    }
 }
 
 /// Round trips per implementation per turn in [`rtt_interleaved`]: about

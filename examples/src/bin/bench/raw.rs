@@ -107,7 +107,6 @@ pub struct Rtt {
     buf: Vec<u8>,
     raw: Vec<u8>,
     cbor: bool,
-    next: u64,
 }
 
 impl Rtt {
@@ -121,25 +120,18 @@ impl Rtt {
             buf: Vec::new(),
             raw: vec![0x5au8; 64],
             cbor,
-            next: 0,
         }
     }
 
-    /// `n` round trips, each one's latency appended to `lat`.
-    pub async fn run(&mut self, n: usize, lat: &mut Vec<Duration>) {
-        for _ in 0..n {
-            let i = self.next;
-            self.next += 1;
-            let t = Instant::now();
-            if self.cbor {
-                write_frame(&mut self.w, &encode(&Msg::new(i))).await;
-                assert!(read_frame(&mut self.r, &mut self.buf).await);
-                assert_eq!(decode(&self.buf).id, i);
-            } else {
-                write_frame(&mut self.w, &self.raw).await;
-                assert!(read_frame(&mut self.r, &mut self.buf).await);
-            }
-            lat.push(t.elapsed());
+    /// Round trip number `i`.
+    pub async fn one(&mut self, i: u64) {
+        if self.cbor {
+            write_frame(&mut self.w, &encode(&Msg::new(i))).await;
+            assert!(read_frame(&mut self.r, &mut self.buf).await);
+            assert_eq!(decode(&self.buf).id, i);
+        } else {
+            write_frame(&mut self.w, &self.raw).await;
+            assert!(read_frame(&mut self.r, &mut self.buf).await);
         }
     }
 }
