@@ -36,6 +36,7 @@ use crate::export::{Dispatch, InboundFut};
 use crate::metrics::Metrics;
 use crate::node::NodeShared;
 use crate::refctx::{OutRef, Resolved};
+use crate::timer::Deadline;
 
 /// Commands a connection's driver takes from the rest of the node.
 pub(crate) enum Command {
@@ -335,7 +336,8 @@ pub(crate) struct Driver {
     /// Bytes of the frames in `outq`.
     outq_bytes: usize,
     pending: RequestIdMap<Pending>,
-    timer: Pin<Box<tokio::time::Sleep>>,
+    /// The session's next deadline (see [`crate::timer`]).
+    timer: Deadline,
     timer_at: Option<Instant>,
     /// The time read for the current round of work (see `round_now`).
     clock: Option<Instant>,
@@ -1068,7 +1070,7 @@ impl Driver {
             outq: VecDeque::new(),
             outq_bytes: 0,
             pending: RequestIdMap::default(),
-            timer: Box::pin(tokio::time::sleep(Duration::from_secs(3600))),
+            timer: Deadline::new(),
             timer_at: None,
             clock: None,
             closing_since: None,
@@ -1708,22 +1710,22 @@ impl Future for Driver {
                 // before the deadline).
                 if this.timer_at.is_none_or(|armed| armed > at) {
                     this.timer_at = Some(at);
-                    this.timer.as_mut().reset(at.into());
+                    this.timer.reset(at);
                     this.timer_waiting = Waiting::No;
                 }
                 // Polled again only once its deadline passed: until then
                 // the timer holds our waker from the last poll.
-                let due = this.timer_at.is_some_and(|t| this.round_now() >= t);
-                let budget = has_budget_remaining();
+                let now = this.round_now();
+                let due = this.timer_at.is_some_and(|t| now >= t);
                 if this.timer_waiting.needs_poll(!due) {
-                    if this.timer.as_mut().poll(cx).is_ready() {
+                    if this.timer.poll(now, cx).is_ready() {
                         this.timer_waiting = Waiting::No;
                         this.timer_at = None;
-                        this.session.handle_timeout(now());
+                        this.session.handle_timeout(now);
                         this.handle_events();
                         again = true;
                     } else {
-                        this.timer_waiting = Waiting::after_pending(budget);
+                        this.timer_waiting = Waiting::Yes;
                     }
                 }
             }
@@ -1752,9 +1754,9 @@ impl Future for Driver {
                 let armed_sooner = |at| this.timer_at.is_some_and(|t| t <= at && t > now);
                 if let Some(at) = grace_end.filter(|&at| !armed_sooner(at)) {
                     this.timer_at = Some(at);
-                    this.timer.as_mut().reset(at.into());
+                    this.timer.reset(at);
                     this.timer_waiting = Waiting::No;
-                    let _ = this.timer.as_mut().poll(cx);
+                    let _ = this.timer.poll(now, cx);
                 }
             }
 

@@ -82,6 +82,7 @@ mod node;
 mod refctx;
 mod remote;
 mod spawn;
+mod timer;
 
 pub use config::{Config, ConfigError};
 pub use courier_runtime::error::{DeadReason, RemoteError, RemoteFailure};
