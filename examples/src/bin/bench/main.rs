@@ -181,6 +181,30 @@ fn main() {
         }
         return;
     }
+    if argv.get(1).map(String::as_str) == Some("--rtt-side") {
+        let kind = match argv.get(3).map(String::as_str) {
+            Some("tcp") => Kind::Tcp,
+            Some("unix") => Kind::Unix,
+            Some("fd") => Kind::Fd,
+            Some("quic") => Kind::Quic,
+            other => {
+                eprintln!("--rtt-side: unknown transport {other:?}");
+                std::process::exit(2);
+            }
+        };
+        let n = argv.get(4).and_then(|v| v.parse().ok()).unwrap_or(1000);
+        if let Some(cpu) = argv.get(5).and_then(|v| v.parse().ok()) {
+            pin_to(cpu);
+        }
+        let imp = argv.get(2).map(String::as_str).unwrap_or("");
+        for s in rtt_side(imp, kind, n) {
+            println!(
+                "{} {} {} {} {} {}",
+                s.transport, s.metric, s.imp, s.stat, s.value, s.unit
+            );
+        }
+        return;
+    }
     // `--round-child ARGS...`: one round of ARGS in this process, samples
     // printed one per line for the parent (see `rounds_in_children`).
     let child = argv.get(1).map(String::as_str) == Some("--round-child");
@@ -310,61 +334,213 @@ fn progress(what: &str) {
     }
 }
 
-/// Round trips, `n` measured per implementation, in blocks of
-/// [`RTT_BLOCK`] taken in turn (raw, raw+cbor, Courier, the order rotating
-/// each block) on connections set up once: a spell of machine noise, which
-/// can last longer than a whole measurement, falls on all three alike. A
-/// tenth as many round trips first warm each up, unmeasured.
-async fn rtt_interleaved(
-    kind: Kind,
-    dir: &std::path::Path,
-    n: usize,
-    raw: bool,
-    cbor: bool,
-    courier: bool,
-) -> Vec<Sample> {
-    let mut sides: Vec<(&str, RttSide, Vec<Duration>)> = Vec::new();
-    if raw {
-        let side = RttSide::Raw(raw::Rtt::new(kind, dir, false).await);
-        sides.push(("raw", side, Vec::new()));
-    }
-    if cbor {
-        let side = RttSide::Raw(raw::Rtt::new(kind, dir, true).await);
-        sides.push(("raw+cbor", side, Vec::new()));
-    }
-    if courier {
-        let side = RttSide::Courier(courier_side::Rtt::new(kind, dir).await);
-        sides.push(("courier", side, Vec::new()));
-    }
-    let warm_up = (n / 10) as u64;
-    for (_, side, _) in sides.iter_mut() {
+/// Round trips of the implementations `imps` (of "raw", "raw+cbor",
+/// "courier"), `n` measured each. Each runs in a process of its own (see
+/// [`rtt_side`]), and they take turns: all set up their connections and
+/// warm up with a tenth as many round trips, then make blocks of
+/// [`RTT_BLOCK`] in turn, the order rotating each block, so a spell of
+/// noise on the host, which can last longer than a whole measurement,
+/// falls on all alike. In processes of their own because sharing one
+/// would tax the baselines with Courier's upkeep: idle Courier nodes on
+/// the thread cost a raw round trip 8% more instructions (their armed
+/// heartbeat timers make every park read the clock and scan the timer
+/// wheel). All on one processor, because on this host a process's
+/// round trips run at one of two speeds depending on where it is
+/// scheduled (Courier's 9 or 12 µs over unix), and processes left to the
+/// scheduler drew their speeds apart. One implementation alone runs
+/// here, in this process (for profiling it: `BENCH_IMPL`).
+async fn rtt_turns(kind: Kind, dir: &std::path::Path, n: usize, imps: &[&str]) -> Vec<Sample> {
+    if let [imp] = imps {
+        let mut side = RttSide::new(imp, kind, dir).await;
+        let warm_up = (n / 10) as u64;
         side.run(0..warm_up, &mut Vec::new()).await;
+        let mut lat = Vec::with_capacity(n);
+        side.run(warm_up..warm_up + n as u64, &mut lat).await;
+        side.finish().await;
+        return report::Latencies(lat).samples(kind.name(), "rtt", imp);
+    }
+    let exe = std::env::current_exe().expect("the benchmark's own path");
+    let cpu = shared_cpu().map_or_else(|| "any".to_owned(), |c| c.to_string());
+    let mut sides = Vec::new();
+    for imp in imps {
+        let child = std::process::Command::new(&exe)
+            .args(["--rtt-side", imp, kind.name(), &n.to_string(), &cpu])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .expect("start a round trip process");
+        sides.push(SideProcess::new(child));
+    }
+    for side in sides.iter_mut() {
+        side.expect("ready");
     }
     let blocks = n.div_ceil(RTT_BLOCK);
     for block in 0..blocks {
-        let from = warm_up + (block * RTT_BLOCK) as u64;
-        let to = warm_up + n.min((block + 1) * RTT_BLOCK) as u64;
-        for turn in 0..sides.len() {
-            let slot = (turn + block) % sides.len();
-            let (_, side, lat) = &mut sides[slot];
-            side.run(from..to, lat).await;
+        let k = RTT_BLOCK.min(n - block * RTT_BLOCK);
+        let count = sides.len();
+        for turn in 0..count {
+            let side = &mut sides[(turn + block) % count];
+            side.say(&format!("run {k}"));
+            side.expect("done");
         }
     }
     let mut out = Vec::new();
-    for (name, side, lat) in sides {
-        side.finish().await;
-        out.extend(report::Latencies(lat).samples(kind.name(), "rtt", name));
+    for side in sides {
+        out.extend(side.finish());
     }
     out
 }
 
-/// One implementation in [`rtt_interleaved`].
+/// A process running [`rtt_side`], driven line by line.
+struct SideProcess {
+    child: std::process::Child,
+    input: std::process::ChildStdin,
+    output: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl SideProcess {
+    fn new(mut child: std::process::Child) -> Self {
+        let input = child.stdin.take().expect("piped");
+        let output = std::io::BufReader::new(child.stdout.take().expect("piped"));
+        Self {
+            child,
+            input,
+            output,
+        }
+    }
+
+    fn say(&mut self, line: &str) {
+        use std::io::Write;
+        if let Err(e) = writeln!(self.input, "{line}") {
+            eprintln!("a round trip process stopped taking orders: {e}");
+            std::process::exit(1);
+        }
+    }
+
+    fn expect(&mut self, word: &str) {
+        use std::io::BufRead;
+        let mut line = String::new();
+        let n = self.output.read_line(&mut line).unwrap_or(0);
+        if n == 0 || line.trim() != word {
+            eprintln!("a round trip process said {line:?}, not {word:?}");
+            std::process::exit(1);
+        }
+    }
+
+    /// Ends the process and reads its samples.
+    fn finish(mut self) -> Vec<Sample> {
+        use std::io::BufRead;
+        self.say("end");
+        drop(self.input);
+        let mut out = Vec::new();
+        for l in self.output.lines().map_while(Result::ok) {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            if let [t, m, i, st, v, u] = f[..] {
+                if let Ok(v) = v.parse() {
+                    out.push(Sample::new(t, m, i, st, v, u));
+                }
+            }
+        }
+        match self.child.wait() {
+            Ok(s) if s.success() => out,
+            other => {
+                eprintln!("a round trip process failed: {other:?}");
+                std::process::exit(1);
+            }
+        }
+    }
+}
+
+/// The processor the round trip processes share: the last this process
+/// may run on. `None` when that cannot be read.
+fn shared_cpu() -> Option<usize> {
+    let set = rustix::thread::sched_getaffinity(None).ok()?;
+    (0..rustix::thread::CpuSet::MAX_CPU)
+        .rev()
+        .find(|&c| set.is_set(c))
+}
+
+/// Keeps this process on processor `cpu`, as its rivals are kept (see
+/// [`rtt_turns`]).
+fn pin_to(cpu: usize) {
+    let mut set = rustix::thread::CpuSet::new();
+    set.set(cpu);
+    if let Err(e) = rustix::thread::sched_setaffinity(None, &set) {
+        eprintln!("cannot keep the round trips on processor {cpu} ({e}); they run anywhere");
+    }
+}
+
+/// `--rtt-side IMPL TRANSPORT N CPU`: one implementation's round trips
+/// for [`rtt_turns`], in this process, kept on processor CPU (unless it
+/// is `any`). Sets up, warms up with N/10 round trips and says `ready`; then for each `run K` on standard input makes
+/// K measured round trips and says `done`; at `end` (or the end of the
+/// input) prints its p50 and p99 as samples and exits.
+fn rtt_side(imp: &str, kind: Kind, n: usize) -> Vec<Sample> {
+    use std::io::{BufRead, Write};
+    let imp = imp.to_owned();
+    let dir = std::env::temp_dir().join(format!("courier-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let d = dir.clone();
+    let samples = actix::System::new()
+        .block_on(async move {
+            actix::spawn(async move {
+                let mut side = RttSide::new(&imp, kind, &d).await;
+                let warm_up = (n / 10) as u64;
+                side.run(0..warm_up, &mut Vec::new()).await;
+                let mut stdout = std::io::stdout();
+                let _ = writeln!(stdout, "ready").and_then(|()| stdout.flush());
+                let mut lat = Vec::with_capacity(n);
+                let mut next = warm_up;
+                let mut line = String::new();
+                // Waiting for the next turn blocks this thread: nothing
+                // else of this process needs to run meanwhile.
+                while std::io::stdin().lock().read_line(&mut line).unwrap_or(0) > 0 {
+                    let words: Vec<&str> = line.split_whitespace().collect();
+                    match words[..] {
+                        ["run", k] => {
+                            let k: u64 = k.parse().expect("a count");
+                            side.run(next..next + k, &mut lat).await;
+                            next += k;
+                            let _ = writeln!(stdout, "done").and_then(|()| stdout.flush());
+                        }
+                        ["end"] => break,
+                        _ => panic!("unknown order {line:?}"),
+                    }
+                    line.clear();
+                }
+                side.finish().await;
+                report::Latencies(lat).samples(kind.name(), "rtt", &imp)
+            })
+            .await
+        })
+        .expect("round trip task");
+    let _ = std::fs::remove_dir_all(&dir);
+    samples
+}
+
+/// Round trips per implementation per turn in [`rtt_turns`]: about 10 ms
+/// of work, so each turn's first, colder round trips weigh nothing, and
+/// handing the turn over (a pipe write and a process wake-up, outside
+/// the measured round trips) is rare.
+const RTT_BLOCK: usize = 1000;
+
+/// One implementation in [`rtt_turns`].
 enum RttSide {
     Raw(raw::Rtt),
     Courier(courier_side::Rtt),
 }
 
 impl RttSide {
+    async fn new(imp: &str, kind: Kind, dir: &std::path::Path) -> Self {
+        match imp {
+            "raw" => RttSide::Raw(raw::Rtt::new(kind, dir, false).await),
+            "raw+cbor" => RttSide::Raw(raw::Rtt::new(kind, dir, true).await),
+            "courier" => RttSide::Courier(courier_side::Rtt::new(kind, dir).await),
+            other => panic!("no implementation {other:?}"),
+        }
+    }
+
     /// The round trips numbered `ids`, each one's latency appended to `lat`.
     async fn run(&mut self, ids: std::ops::Range<u64>, lat: &mut Vec<Duration>) {
         for i in ids {
@@ -383,10 +559,6 @@ impl RttSide {
         }
     }
 }
-
-/// Round trips per implementation per turn in [`rtt_interleaved`]: about
-/// 10 ms of work, so each turn's first, colder round trips weigh nothing.
-const RTT_BLOCK: usize = 1000;
 
 async fn run(args: &Args) -> Vec<Sample> {
     let dir = std::env::temp_dir().join(format!("courier-bench-{}", std::process::id()));
@@ -416,9 +588,11 @@ async fn run(args: &Args) -> Vec<Sample> {
         for &kind in &args.transports {
             let t = kind.name();
             if want("rtt") {
-                let (raw, cbor, courier) =
-                    (run_impl("raw"), run_impl("raw+cbor"), run_impl("courier"));
-                out.extend(rtt_interleaved(kind, &dir, b.rtt_iters, raw, cbor, courier).await);
+                let imps: Vec<&str> = ["raw", "raw+cbor", "courier"]
+                    .into_iter()
+                    .filter(|i| run_impl(i))
+                    .collect();
+                out.extend(rtt_turns(kind, &dir, b.rtt_iters, &imps).await);
             }
             if want("oneway") {
                 if run_impl("raw") {
