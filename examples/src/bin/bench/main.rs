@@ -1,11 +1,14 @@
 //! Courier's benchmark: Courier against the physical limit, per transport.
 //!
-//! For each transport it runs, interleaved so machine noise hits all alike:
-//! **raw** (a length-prefixed socket carrying the bytes), **raw+cbor** (the
-//! same socket carrying the same messages encoded and decoded with
-//! ciborium, no runtime) and **courier** (two nodes, a remote actor), and
-//! prints medians and ratios. Client and server run on one thread in every
-//! case, so the figures compare the work done, not thread wake-ups.
+//! For each transport it runs **raw** (a length-prefixed socket carrying
+//! the bytes), **raw+cbor** (the same socket carrying the same messages
+//! encoded and decoded with ciborium, no runtime) and **courier** (two
+//! nodes, a remote actor), and prints medians and ratios. Each round runs
+//! in a process of its own. Round trips take turns, each implementation
+//! in a process of its own on one shared processor (see `rtt_turns`), so
+//! machine noise falls on all alike; the other measurements run one
+//! implementation after the other. Client and server run on one thread in
+//! every case, so the figures compare the work done, not thread wake-ups.
 //!
 //! ```text
 //! cargo run --release -p courier-examples --bin bench                 # full run (a few minutes)
