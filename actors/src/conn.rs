@@ -1739,7 +1739,7 @@ impl Future for Driver {
                     && matches!(this.link.poll_close(cx), Poll::Ready(_));
                 let late = this
                     .closing_since
-                    .is_some_and(|t| now().duration_since(t) > CLOSE_GRACE);
+                    .is_some_and(|t| now().duration_since(t) >= CLOSE_GRACE);
                 if flushed || this.link_done || late {
                     if this.session.is_established() || this.handle.is_none() {
                         // Never established: make sure the node forgets it.
@@ -1756,7 +1756,11 @@ impl Future for Driver {
                     this.timer_at = Some(at);
                     this.timer.reset(at);
                     this.timer_waiting = Waiting::No;
-                    let _ = this.timer.poll(now, cx);
+                    if this.timer.poll(now, cx).is_ready() {
+                        // Passed since the check above read the clock: the
+                        // next poll ends the connection.
+                        cx.waker().wake_by_ref();
+                    }
                 }
             }
 

@@ -11,9 +11,11 @@
 //! rarely (a driver lets its timer fire early rather than move it with
 //! every frame), so the table's lock is taken about once per heartbeat
 //! interval per connection, and the thread is woken early only when a
-//! deadline is set sooner than the one it waits for.
+//! deadline is set sooner than the one it waits for. Should the thread
+//! fail to start, deadlines wait in tokio's timer until it does.
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::sync::{Condvar, Mutex, MutexGuard, OnceLock};
 use std::task::{Context, Poll, Waker};
 use std::time::Instant;
@@ -33,6 +35,8 @@ struct State {
     next_id: u64,
     /// Whether the thread runs.
     started: bool,
+    /// Whether a failure to start it was logged (once is enough).
+    start_failed: bool,
     /// What the thread sleeps until: `None` while it waits for any entry
     /// (or is not started).
     sleeps_until: Option<Instant>,
@@ -88,29 +92,37 @@ impl Timers {
         }
     }
 
-    /// Starts the thread if it does not run. A thread that cannot be
-    /// started is tried again at the next registration.
-    fn start(&'static self, state: &mut State) {
+    /// Starts the thread if it does not run; true when it runs. A thread
+    /// that cannot be started is tried again at the next poll of any
+    /// deadline, which meanwhile waits in tokio's timer instead.
+    fn start(&'static self, state: &mut State) -> bool {
         if state.started {
-            return;
+            return true;
         }
         match std::thread::Builder::new()
             .name("courier-timer".into())
             .spawn(move || self.run())
         {
             Ok(_) => state.started = true,
-            Err(e) => error!(error = %e, "could not start the timer thread; deadlines wait"),
+            Err(e) if !state.start_failed => {
+                state.start_failed = true;
+                error!(error = %e, "could not start the timer thread; deadlines use tokio's timer until it starts");
+            }
+            Err(_) => {}
         }
+        state.started
     }
 }
 
 /// A deadline for one task: [`Deadline::poll`] is ready once it passed,
 /// and until then the task is woken when it passes.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub(crate) struct Deadline {
     at: Option<Instant>,
     /// This deadline's entry in the table, while it has one.
     key: Option<(Instant, u64)>,
+    /// Where the deadline waits when the thread could not be started.
+    fallback: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl Deadline {
@@ -139,6 +151,14 @@ impl Deadline {
         }
         let timers = timers();
         let mut state = timers.lock();
+        if !timers.start(&mut state) {
+            if let Some(old) = self.key.take() {
+                state.waiting.remove(&old);
+            }
+            drop(state);
+            return self.poll_fallback(at, cx);
+        }
+        self.fallback = None;
         if let Some(key) = self.key.filter(|k| k.0 == at) {
             // Still waiting there (unless the thread just woke it, for a
             // deadline our caller read the clock too early to see pass).
@@ -156,9 +176,29 @@ impl Deadline {
         state.next_id += 1;
         state.waiting.insert((at, id), cx.waker().clone());
         self.key = Some((at, id));
-        timers.start(&mut state);
         if state.sleeps_until.is_none_or(|t| at < t) {
             timers.wake.notify_one();
+        }
+        Poll::Pending
+    }
+
+    /// Waits for `at` in tokio's timer (outside the coop budget, so that
+    /// `Pending` always means the waker is kept, as the table keeps it).
+    fn poll_fallback(&mut self, at: Instant, cx: &mut Context<'_>) -> Poll<()> {
+        let at = tokio::time::Instant::from_std(at);
+        let sleep = self
+            .fallback
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
+        if sleep.deadline() != at {
+            sleep.as_mut().reset(at);
+        }
+        let ready = std::pin::pin!(tokio::task::coop::unconstrained(sleep.as_mut()))
+            .poll(cx)
+            .is_ready();
+        if ready {
+            self.at = None;
+            self.fallback = None;
+            return Poll::Ready(());
         }
         Poll::Pending
     }
@@ -221,9 +261,10 @@ mod tests {
         let (count, waker) = counter();
         let mut cx = Context::from_waker(&waker);
         let mut d = Deadline::new();
-        let at = Instant::now() + Duration::from_millis(30);
+        let now = Instant::now();
+        let at = now + Duration::from_millis(30);
         d.reset(at);
-        assert!(d.poll(Instant::now(), &mut cx).is_pending());
+        assert!(d.poll(now, &mut cx).is_pending());
         assert!(woken_within(&count, Duration::from_secs(30)));
         // The thread wakes only what is due: the clock is past `at` now.
         assert!(Instant::now() >= at);
@@ -238,16 +279,18 @@ mod tests {
         // A far deadline first: the thread sleeps until it (or longer).
         let (_, far_waker) = counter();
         let mut far = Deadline::new();
-        far.reset(Instant::now() + Duration::from_secs(3600));
+        let now = Instant::now();
+        far.reset(now + Duration::from_secs(3600));
         assert!(far
-            .poll(Instant::now(), &mut Context::from_waker(&far_waker))
+            .poll(now, &mut Context::from_waker(&far_waker))
             .is_pending());
         std::thread::sleep(Duration::from_millis(20));
         let (count, waker) = counter();
         let mut near = Deadline::new();
-        near.reset(Instant::now() + Duration::from_millis(10));
+        let now = Instant::now();
+        near.reset(now + Duration::from_millis(10));
         assert!(near
-            .poll(Instant::now(), &mut Context::from_waker(&waker))
+            .poll(now, &mut Context::from_waker(&waker))
             .is_pending());
         assert!(woken_within(&count, Duration::from_secs(30)));
         assert!(registered(&far), "the far deadline still waits");
@@ -274,6 +317,23 @@ mod tests {
         drop(d);
         assert!(!timers().lock().waiting.contains_key(&second));
         assert_eq!(count.0.load(Ordering::SeqCst), 0, "nothing was due");
+    }
+
+    /// Where the thread could not be started, a deadline waits in
+    /// tokio's timer instead, and is ready once passed.
+    #[tokio::test]
+    async fn the_fallback_waits_in_tokios_timer() {
+        let mut d = Deadline::new();
+        let at = Instant::now() + Duration::from_millis(20);
+        d.reset(at);
+        let waited = tokio::time::timeout(
+            Duration::from_secs(30),
+            std::future::poll_fn(|cx| d.poll_fallback(at, cx)),
+        )
+        .await;
+        assert!(waited.is_ok(), "ready within 30 s");
+        assert!(Instant::now() >= at);
+        assert!(d.at.is_none() && d.fallback.is_none());
     }
 
     #[test]
