@@ -47,7 +47,17 @@ impl Kind {
             Kind::Quic => "quic",
         }
     }
+
+    fn parse(name: &str) -> Result<Self, String> {
+        [Kind::Tcp, Kind::Unix, Kind::Fd, Kind::Quic]
+            .into_iter()
+            .find(|k| k.name() == name)
+            .ok_or_else(|| format!("unknown transport {name:?}"))
+    }
 }
+
+/// The implementations a round trip is measured for.
+const RTT_IMPLS: [&str; 3] = ["raw", "raw+cbor", "courier"];
 
 /// How long each measurement runs.
 #[derive(Clone, Copy, Debug)]
@@ -133,16 +143,7 @@ fn parse_args(skip: usize) -> Result<Args, String> {
             }
             "--transports" => {
                 let list = it.next().ok_or("--transports needs a list")?;
-                a.transports = list
-                    .split(',')
-                    .map(|t| match t {
-                        "tcp" => Ok(Kind::Tcp),
-                        "unix" => Ok(Kind::Unix),
-                        "fd" => Ok(Kind::Fd),
-                        "quic" => Ok(Kind::Quic),
-                        other => Err(format!("unknown transport {other:?}")),
-                    })
-                    .collect::<Result<_, _>>()?;
+                a.transports = list.split(',').map(Kind::parse).collect::<Result<_, _>>()?;
             }
             "--only" => {
                 a.only = it
@@ -177,36 +178,23 @@ fn main() {
         let samples = actix::System::new().block_on(courier_side::memory(&dir, n(2), n(3)));
         // (one process per round: see `rounds_in_children`)
         for s in samples {
-            println!(
-                "{} {} {} {} {}",
-                s.transport, s.metric, s.imp, s.stat, s.value
-            );
+            println!("{}", s.line());
         }
         return;
     }
     if argv.get(1).map(String::as_str) == Some("--rtt-side") {
-        let kind = match argv.get(3).map(String::as_str) {
-            Some("tcp") => Kind::Tcp,
-            Some("unix") => Kind::Unix,
-            Some("fd") => Kind::Fd,
-            Some("quic") => Kind::Quic,
-            other => {
-                eprintln!("--rtt-side: unknown transport {other:?}");
+        match rtt_side(&argv[2..]) {
+            Ok(samples) => {
+                for s in samples {
+                    println!("{}", s.line());
+                }
+                return;
+            }
+            Err(e) => {
+                eprintln!("--rtt-side: {e}");
                 std::process::exit(2);
             }
-        };
-        let n = argv.get(4).and_then(|v| v.parse().ok()).unwrap_or(1000);
-        if let Some(cpu) = argv.get(5).and_then(|v| v.parse().ok()) {
-            pin_to(cpu);
         }
-        let imp = argv.get(2).map(String::as_str).unwrap_or("");
-        for s in rtt_side(imp, kind, n) {
-            println!(
-                "{} {} {} {} {} {}",
-                s.transport, s.metric, s.imp, s.stat, s.value, s.unit
-            );
-        }
-        return;
     }
     // `--round-child ARGS...`: one round of ARGS in this process, samples
     // printed one per line for the parent (see `rounds_in_children`).
@@ -222,10 +210,7 @@ fn main() {
         let mut one = args.clone();
         one.budget.rounds = 1;
         for s in run_in_process(one) {
-            println!(
-                "{} {} {} {} {} {}",
-                s.transport, s.metric, s.imp, s.stat, s.value, s.unit
-            );
+            println!("{}", s.line());
         }
         return;
     }
@@ -295,14 +280,11 @@ fn rounds_in_children(args: &Args) -> Vec<Sample> {
                 std::process::exit(1);
             }
         };
-        for l in String::from_utf8_lossy(&o.stdout).lines() {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            if let [t, m, i, st, v, u] = f[..] {
-                if let Ok(v) = v.parse() {
-                    out.push(Sample::new(t, m, i, st, v, u));
-                }
-            }
-        }
+        out.extend(
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .filter_map(Sample::from_line),
+        );
     }
     out
 }
@@ -323,11 +305,7 @@ fn memory_in_child(conns: usize, refs: usize) -> Vec<Sample> {
     };
     String::from_utf8_lossy(&out.stdout)
         .lines()
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            let [t, m, i, st, v] = f[..] else { return None };
-            Some(Sample::new(t, m, i, st, v.parse().ok()?, "bytes"))
-        })
+        .filter_map(Sample::from_line)
         .collect()
 }
 
@@ -436,15 +414,12 @@ impl SideProcess {
         use std::io::BufRead;
         self.say("end");
         drop(self.input);
-        let mut out = Vec::new();
-        for l in self.output.lines().map_while(Result::ok) {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            if let [t, m, i, st, v, u] = f[..] {
-                if let Ok(v) = v.parse() {
-                    out.push(Sample::new(t, m, i, st, v, u));
-                }
-            }
-        }
+        let out: Vec<Sample> = self
+            .output
+            .lines()
+            .map_while(Result::ok)
+            .filter_map(|l| Sample::from_line(&l))
+            .collect();
         match self.child.wait() {
             Ok(s) if s.success() => out,
             other => {
@@ -476,19 +451,35 @@ fn pin_to(cpu: usize) {
 
 /// `--rtt-side IMPL TRANSPORT N CPU`: one implementation's round trips
 /// for [`rtt_turns`], in this process, kept on processor CPU (unless it
-/// is `any`). Sets up, warms up with N/10 round trips and says `ready`; then for each `run K` on standard input makes
-/// K measured round trips and says `done`; at `end` (or the end of the
-/// input) prints its p50 and p99 as samples and exits.
-fn rtt_side(imp: &str, kind: Kind, n: usize) -> Vec<Sample> {
+/// is `any`). Sets up, warms up with N/10 round trips and says `ready`;
+/// then for each `run K` on standard input makes K measured round trips
+/// and says `done`; at `end` (or the end of the input) prints its p50 and
+/// p99 as samples and exits. An argument or order it does not know is an
+/// error, with nothing printed.
+fn rtt_side(args: &[String]) -> Result<Vec<Sample>, String> {
     use std::io::{BufRead, Write};
-    let imp = imp.to_owned();
+    let [imp, kind, n, cpu] = args else {
+        return Err("usage: --rtt-side raw|raw+cbor|courier TRANSPORT COUNT CPU|any".into());
+    };
+    let imp = RTT_IMPLS
+        .into_iter()
+        .find(|i| i == imp)
+        .ok_or_else(|| format!("no implementation {imp:?}"))?;
+    let kind = Kind::parse(kind)?;
+    let n: usize = n.parse().map_err(|_| format!("not a count: {n:?}"))?;
+    if cpu != "any" {
+        pin_to(
+            cpu.parse()
+                .map_err(|_| format!("not a processor: {cpu:?}"))?,
+        );
+    }
     let dir = std::env::temp_dir().join(format!("courier-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
+    std::fs::create_dir_all(&dir).map_err(|e| format!("temp dir: {e}"))?;
     let d = dir.clone();
     let samples = actix::System::new()
         .block_on(async move {
             actix::spawn(async move {
-                let mut side = RttSide::new(&imp, kind, &d).await;
+                let mut side = RttSide::new(imp, kind, &d).await;
                 let warm_up = (n / 10) as u64;
                 side.run(0..warm_up, &mut Vec::new()).await;
                 let mut stdout = std::io::stdout();
@@ -498,28 +489,32 @@ fn rtt_side(imp: &str, kind: Kind, n: usize) -> Vec<Sample> {
                 let mut line = String::new();
                 // Waiting for the next turn blocks this thread: nothing
                 // else of this process needs to run meanwhile.
+                let mut result = Ok(());
                 while std::io::stdin().lock().read_line(&mut line).unwrap_or(0) > 0 {
                     let words: Vec<&str> = line.split_whitespace().collect();
                     match words[..] {
-                        ["run", k] => {
-                            let k: u64 = k.parse().expect("a count");
+                        ["run", k] if k.parse::<u64>().is_ok() => {
+                            let k: u64 = k.parse().unwrap_or_default();
                             side.run(next..next + k, &mut lat).await;
                             next += k;
                             let _ = writeln!(stdout, "done").and_then(|()| stdout.flush());
                         }
                         ["end"] => break,
-                        _ => panic!("unknown order {line:?}"),
+                        _ => {
+                            result = Err(format!("unknown order {:?}", line.trim_end()));
+                            break;
+                        }
                     }
                     line.clear();
                 }
                 side.finish().await;
-                report::Latencies(lat).samples(kind.name(), "rtt", &imp)
+                result.map(|()| report::Latencies(lat).samples(kind.name(), "rtt", imp))
             })
             .await
         })
-        .expect("round trip task");
+        .map_err(|e| format!("the round trip task failed: {e}"));
     let _ = std::fs::remove_dir_all(&dir);
-    samples
+    samples?
 }
 
 /// Round trips per implementation per turn in [`rtt_turns`]: about 10 ms
@@ -535,12 +530,12 @@ enum RttSide {
 }
 
 impl RttSide {
+    /// `imp` is one of [`RTT_IMPLS`].
     async fn new(imp: &str, kind: Kind, dir: &std::path::Path) -> Self {
         match imp {
             "raw" => RttSide::Raw(raw::Rtt::new(kind, dir, false).await),
             "raw+cbor" => RttSide::Raw(raw::Rtt::new(kind, dir, true).await),
-            "courier" => RttSide::Courier(courier_side::Rtt::new(kind, dir).await),
-            other => panic!("no implementation {other:?}"),
+            _ => RttSide::Courier(courier_side::Rtt::new(kind, dir).await),
         }
     }
 
@@ -591,10 +586,7 @@ async fn run(args: &Args) -> Vec<Sample> {
         for &kind in &args.transports {
             let t = kind.name();
             if want("rtt") {
-                let imps: Vec<&str> = ["raw", "raw+cbor", "courier"]
-                    .into_iter()
-                    .filter(|i| run_impl(i))
-                    .collect();
+                let imps: Vec<&str> = RTT_IMPLS.into_iter().filter(|i| run_impl(i)).collect();
                 out.extend(rtt_turns(kind, &dir, b.rtt_iters, &imps).await);
             }
             if want("oneway") {

@@ -26,6 +26,28 @@ impl Sample {
             unit: unit.into(),
         }
     }
+
+    /// One line of a child process's report (see [`Self::from_line`]).
+    pub fn line(&self) -> String {
+        let Self {
+            transport,
+            metric,
+            imp,
+            stat,
+            value,
+            unit,
+        } = self;
+        format!("{transport} {metric} {imp} {stat} {value} {unit}")
+    }
+
+    /// A sample from a line [`Self::line`] wrote; `None` for any other line.
+    pub fn from_line(line: &str) -> Option<Self> {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let [t, m, i, st, v, u] = f[..] else {
+            return None;
+        };
+        Some(Self::new(t, m, i, st, v.parse().ok()?, u))
+    }
 }
 
 /// Round-trip times.
