@@ -899,23 +899,20 @@ mod tests {
         )
     }
 
-    fn body(i: usize) -> Bytes {
-        let len = (i * 37) % 301;
-        (0..len).map(|k| (i + k) as u8).collect()
-    }
+    type PipeLink = StreamLink<PlainStream<tokio::io::DuplexStream>>;
 
-    /// A pipe that takes at most 100 bytes at a time makes nearly every
-    /// write partial, ending anywhere inside a frame: coalesced small
-    /// frames still arrive whole and in order.
-    #[tokio::test]
-    async fn partial_writes_of_coalesced_frames_lose_nothing() {
+    /// Sends 2,000 frames `frame(i)` over a pipe that takes at most 100
+    /// bytes at a time, flushing after every `flush_every`-th, while the
+    /// peer reads; checks that each arrives whole and in order, and gives
+    /// back the sending link.
+    async fn deliver(frame: impl Fn(usize) -> Bytes, flush_every: usize) -> PipeLink {
         let (a, b) = tokio::io::duplex(100);
         let (mut tx, mut rx) = (link(a), link(b));
         const N: usize = 2000;
         let send = async {
             for i in 0..N {
-                tx.feed(Frame::new(body(i))).await.expect("feed");
-                if i % 7 == 0 {
+                tx.feed(Frame::new(frame(i))).await.expect("feed");
+                if i % flush_every == 0 {
                     tx.flush().await.expect("flush");
                 }
             }
@@ -924,12 +921,22 @@ mod tests {
         let recv = async {
             for i in 0..N {
                 let f = rx.recv().await.expect("a frame").expect("no error");
-                assert_eq!(f.payload, body(i), "frame {i}");
+                assert_eq!(f.payload, frame(i), "frame {i}");
             }
         };
         tokio::time::timeout(Duration::from_secs(60), async { tokio::join!(send, recv) })
             .await
             .expect("all frames within a minute");
+        tx
+    }
+
+    /// Frames mostly larger than the pipe takes at once, flushed in
+    /// sevens: nearly every write is partial, ending anywhere inside a
+    /// frame, and coalesced small frames still arrive whole and in order.
+    #[tokio::test]
+    async fn partial_writes_of_coalesced_frames_lose_nothing() {
+        let body = |i: usize| -> Bytes { (0..(i * 37) % 301).map(|k| (i + k) as u8).collect() };
+        deliver(body, 7).await;
     }
 
     /// Frames small enough for the pipe, each flushed alone while the
@@ -937,24 +944,8 @@ mod tests {
     /// then emptied and reused in place, frame after frame.
     #[tokio::test]
     async fn a_coalescing_buffer_reused_after_whole_writes_loses_nothing() {
-        let (a, b) = tokio::io::duplex(100);
-        let (mut tx, mut rx) = (link(a), link(b));
-        const N: usize = 2000;
         let small = |i: usize| -> Bytes { (0..i % 90).map(|k| (i * 7 + k) as u8).collect() };
-        let send = async {
-            for i in 0..N {
-                tx.send(Frame::new(small(i))).await.expect("send");
-            }
-        };
-        let recv = async {
-            for i in 0..N {
-                let f = rx.recv().await.expect("a frame").expect("no error");
-                assert_eq!(f.payload, small(i), "frame {i}");
-            }
-        };
-        tokio::time::timeout(Duration::from_secs(60), async { tokio::join!(send, recv) })
-            .await
-            .expect("all frames within a minute");
+        let tx = deliver(small, 1).await;
         assert_eq!(tx.outbox.queued, 0, "nothing left queued");
         assert!(tx.outbox.chunks.is_empty(), "nothing cut into chunks");
     }
