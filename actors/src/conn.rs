@@ -225,13 +225,8 @@ impl ConnHandle {
 
     /// Queues a command without waiting; a full queue is `MailboxFull`.
     pub fn try_send(&self, cmd: Command, actor: ActorId) -> Result<(), RemoteError> {
-        if self.is_closed() {
-            return Err(self.lost());
-        }
-        self.0.tx.try_send(cmd).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => RemoteError::MailboxFull { actor },
-            mpsc::error::TrySendError::Closed(_) => self.lost(),
-        })
+        self.try_queue(cmd)?
+            .map_err(|_| RemoteError::MailboxFull { actor })
     }
 }
 
